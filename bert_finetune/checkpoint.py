@@ -1,0 +1,165 @@
+"""Checkpoints that cannot be half-written: write under a temporary name, fsync, rename.
+
+A training checkpoint is a folder `checkpoint-stepNNNNNN/` holding `model.safetensors`,
+`training_state.pt` (optimizer, schedule, scaler, position, every rank's RNG states; loaded with
+weights_only=True) and `manifest.json` (size and sha256 of both, written last). A folder whose
+files do not match its manifest is damaged and skipped on resume. `best/` and `last/` are
+`save_pretrained` folders, replaced atomically too.
+"""
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from contextlib import contextmanager
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+log = logging.getLogger("bert_finetune")
+
+PREFIX = "checkpoint-step"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "training_state.pt"
+MANIFEST = "manifest.json"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(final: str):
+    """Yield a temporary folder; on success it replaces `final` in one rename."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        old = f"{final}.old-{os.getpid()}"
+        if os.path.exists(final):
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(folder: str) -> dict:
+    return {name: {"bytes": os.path.getsize(os.path.join(folder, name)), "sha256": _sha256(os.path.join(folder, name))}
+            for name in (MODEL_FILE, STATE_FILE)}
+
+
+def save(output_dir: str, step: int, model_state: dict, training_state: dict) -> str:
+    path = os.path.join(output_dir, f"{PREFIX}{step:06d}")
+    with atomic_dir(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, os.path.join(tmp, MODEL_FILE))
+        torch.save(training_state, os.path.join(tmp, STATE_FILE))
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(_manifest(tmp), f, indent=1)
+    return path
+
+
+def step_of(path: str) -> int:
+    m = _NAME.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else -1
+
+
+def list_checkpoints(output_dir: str) -> list:
+    """Checkpoint folders in output_dir, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [os.path.join(output_dir, n) for n in os.listdir(output_dir) if _NAME.match(n)]
+    return sorted(found, key=step_of)
+
+
+def problem(path: str) -> str | None:
+    """Why a checkpoint folder cannot be used, or None when its files match the manifest."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            expected = json.load(f)
+    except (OSError, ValueError):
+        return "no readable manifest.json (interrupted while writing?)"
+    for name, want in expected.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != want["bytes"]:
+            return f"{name} is truncated ({os.path.getsize(file)} of {want['bytes']} bytes)"
+        if _sha256(file) != want["sha256"]:
+            return f"{name} is corrupted (checksum mismatch)"
+    return None
+
+
+def find_resume(spec: str, output_dir: str) -> str | None:
+    """The checkpoint to resume from: `auto` = newest valid in output_dir (None if none), else a path."""
+    if spec != "auto":
+        path = spec[:-len(STATE_FILE)] if spec.endswith(STATE_FILE) else spec
+        if not os.path.isdir(path):
+            raise UserError(f"--resume {spec}: no such checkpoint folder")
+        why = problem(path)
+        if why:
+            raise UserError(f"--resume {spec}: not a usable checkpoint: {why}")
+        return path
+    for path in reversed(list_checkpoints(output_dir)):
+        why = problem(path)
+        if why is None:
+            return path
+        log.warning("checkpoint %s is damaged: %s; falling back to the previous one", path, why)
+    return None
+
+
+def load(path: str) -> tuple[dict, dict]:
+    """(model state dict, training state); training state is loaded with weights_only=True."""
+    try:
+        model_state = load_file(os.path.join(path, MODEL_FILE))
+        training_state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+    except Exception as e:  # a file that passed its checksum but does not parse is still the user's problem
+        raise UserError(f"checkpoint {path} cannot be loaded: {str(e).splitlines()[0]}") from None
+    return model_state, training_state
+
+
+def rotate(output_dir: str, keep: int, protect=()):
+    """Delete the oldest checkpoints beyond `keep`; never the newest valid one nor those in `protect`."""
+    found = list_checkpoints(output_dir)
+    newest_valid = next((p for p in reversed(found) if problem(p) is None), None)
+    keep_set = {os.path.normpath(p) for p in protect if p} | {newest_valid}
+    surplus = len(found) - max(keep, 1)
+    for path in found:
+        if surplus <= 0:
+            break
+        if os.path.normpath(path) in keep_set or path == newest_valid:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        surplus -= 1
+
+
+def export(model, tokenizer, path: str, extra: dict):
+    """A save_pretrained folder (safetensors) plus bert_finetune.json, replacing `path` atomically."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "bert_finetune.json"), "w") as f:
+            json.dump(extra, f, indent=1)

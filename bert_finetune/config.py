@@ -1,0 +1,171 @@
+"""Settings: one dataclass with defaults, a YAML file over it, command-line flags over both.
+
+Nothing here touches the file system beyond reading the YAML file, and nothing picks a device:
+building a Config has no side effects.
+"""
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, fields
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class Config:
+    # model and data ("" = the embedded default: MiniLM-L6 and Rotten Tomatoes from PyPI packages)
+    model: str = ""
+    train_file: str = ""
+    eval_file: str = ""  # when given, the held-out set; no split is made
+    text_column: str = "review"
+    label_column: str = "label"
+    eval_split: float = 0.2
+    limit: int = 0  # use only the first N rows of each file (0 = all)
+    max_length: int = 128
+    strict: bool = False  # rows with empty text are an error instead of being skipped
+    trust_remote_code: bool = False
+    # optimisation
+    epochs: int = 2
+    batch_size: int = 32  # per process
+    eval_batch_size: int = 128  # per process
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    max_steps: int = 0  # cap on optimizer steps, for smoke runs (0 = no cap)
+    precision: str = "auto"  # auto = bf16 on CUDA where supported, else fp32
+    sampler: str = "length"  # length: length-grouped batches; random: plain DistributedSampler
+    compile: bool = False
+    seed: int = 42
+    # outputs
+    output_dir: str = "outputs"
+    run_name: str = ""  # TensorBoard run folder under OUTPUT/runs/ ("" = a timestamp)
+    log_steps: int = 20
+    save_steps: int = 0  # also checkpoint every N optimizer steps (0 = only at each epoch's end)
+    save_total_limit: int = 2
+    metric_for_best: str = "accuracy"
+    resume: str = ""  # "auto" = newest valid checkpoint in output_dir, or a checkpoint path
+    # distributed
+    dist_timeout: float = 300.0  # seconds a collective may wait for a missing rank
+
+
+CHOICES = {
+    "precision": ("auto", "fp32", "fp16", "bf16"),
+    "sampler": ("length", "random"),
+    "metric_for_best": (
+        "accuracy", "loss",
+        "weighted_precision", "weighted_recall", "weighted_f1",
+        "macro_precision", "macro_recall", "macro_f1",
+    ),
+}
+POSITIVE = ("batch_size", "eval_batch_size", "grad_accum", "max_length", "epochs", "log_steps", "dist_timeout")
+NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_steps", "limit", "save_steps", "save_total_limit")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and choices; the error names the flag."""
+    for key in POSITIVE:
+        if not getattr(cfg, key) > 0:
+            raise UserError(f"{flag(key)} must be positive, got {getattr(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise UserError(f"{flag(key)} must not be negative, got {getattr(cfg, key)}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise UserError(f"--lr (learning rate) must be a positive number, got {cfg.lr}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise UserError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if not cfg.eval_file and not 0 < cfg.eval_split < 1:
+        raise UserError(f"--eval-split must be between 0 and 1 (exclusive), got {cfg.eval_split}")
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"{flag(key)} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
+    return cfg
+
+
+def _coerce(key: str, value, typ, where: str):
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+    else:
+        try:
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return typ(value)
+        except (TypeError, ValueError):
+            pass
+    raise UserError(f"{where}: {key} must be {typ.__name__}, got {value!r}")
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not readable YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    types = {f.name: f.type for f in fields(Config)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in types:
+            raise UserError(f"config file {path}: unknown key '{key}'")
+        out[name] = _coerce(name, value, types[name], f"config file {path}")
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message + exit 2 from argparse
+        raise UserError(message)
+
+
+def build_parser(prog: str, extra=None) -> argparse.ArgumentParser:
+    """A parser with one flag per Config field; defaults are suppressed so only given flags override."""
+    parser = _Parser(prog=prog, argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file of settings (flags override it)")
+    for f in fields(Config):
+        kwargs = {"dest": f.name, "help": f"default: {f.default!r}"}
+        if f.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _flag_type(f.name, f.type)
+            kwargs["metavar"] = f.name.upper()
+        parser.add_argument(flag(f.name), **kwargs)
+    for args, kwargs in extra or []:
+        parser.add_argument(*args, **kwargs)
+    return parser
+
+
+def _flag_type(name, typ):
+    def convert(text):
+        return _coerce(flag(name), text, typ, "command line")
+    convert.__name__ = typ.__name__
+    return convert
+
+
+def parse(argv, prog="bert_finetune.train", extra=None):
+    """argv -> (Config, the extra flags' namespace). Defaults < YAML < flags."""
+    args = vars(build_parser(prog, extra).parse_args(argv))
+    values = load_yaml(args.pop("config")) if "config" in args else {}
+    names = {f.name for f in fields(Config)}
+    values.update({k: v for k, v in args.items() if k in names})
+    rest = argparse.Namespace(**{k: v for k, v in args.items() if k not in names})
+    return validate(Config(**values)), rest
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,110 @@
+"""Process-group setup and teardown, who-am-I, and the few collectives the loop needs."""
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("bert_finetune")
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(timeout_s: float, single: bool = False) -> Dist:
+    """Read torchrun's environment, pick the device, create the process group when world > 1."""
+    world = 1 if single else int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0 if single else int(os.environ.get("RANK", "0"))
+    local_rank = 0 if single else int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = 1 if single else int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        _split_cpu_cores(local_world)
+    if world > 1:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # After torchrun restarts the workers (--max-restarts), a plain init_process_group finds the
+        # previous attempt's addresses in torchrun's store and gloo fails in connectFullMesh with
+        # "Connection refused" (NCCL alike, pytorch/pytorch#167288). A key prefix per restart keeps
+        # each attempt's rendezvous apart.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=rank == 0 and not agent_store, timeout=timeout, wait_for_workers=False)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore(f"attempt{attempt}", store),
+                                rank=rank, world_size=world, timeout=timeout)
+    return Dist(rank, local_rank, world, local_world, device)
+
+
+def _split_cpu_cores(local_world: int):
+    """Give each local process its share of the cores, unless the user chose OMP_NUM_THREADS.
+
+    torchrun sets OMP_NUM_THREADS=1 when it is unset; launch.sh records whether the user set it.
+    """
+    user_threads = os.environ.get("BERT_FINETUNE_OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
+    if user_threads:
+        torch.set_num_threads(int(user_threads))
+    elif local_world > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores // local_world))
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(values: np.ndarray, device) -> np.ndarray:
+    """Sum a small array over ranks (float64 or int64 kept exact)."""
+    if not is_distributed():
+        return np.asarray(values)
+    t = torch.as_tensor(np.asarray(values), device=device)
+    dist.all_reduce(t)
+    return t.cpu().numpy()
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when it is true on one (e.g. a SIGTERM that reached only some ranks)."""
+    return bool(all_reduce_sum(np.array([int(flag)], dtype=np.int64), device)[0])
+
+
+def broadcast(obj, src: int = 0):
+    """Rank src's object on every rank (decisions made on rank 0)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather(obj) -> list:
+    """Every rank's object, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

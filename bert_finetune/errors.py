@@ -1,0 +1,26 @@
+"""The one-line user error and the wrapper every entry point runs under."""
+import functools
+import logging
+import sys
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+EXIT_USER_ERROR = 2
+
+
+def cli(main):
+    """Run `main` so that a UserError becomes `error: ...` on stderr and exit 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            logging.getLogger("bert_finetune").debug("user error", exc_info=True)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper

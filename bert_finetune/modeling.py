@@ -1,0 +1,50 @@
+"""Load a tokenizer and a sequence-classification model from a folder or a hub name, with clear errors."""
+import os
+
+from .errors import UserError
+
+
+def resolve(model: str) -> str:
+    """The model folder or hub name to load; "" is the embedded MiniLM."""
+    if not model:
+        from .data import embedded_model_dir
+        return embedded_model_dir()
+    looks_local = os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model) or model.count("/") > 1
+    if looks_local:
+        path = os.path.expanduser(model)
+        if not os.path.isdir(path):
+            raise UserError(f"--model {model}: no such model folder")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"--model {model}: not a model folder (no config.json inside)")
+        return path
+    return model
+
+
+def _loading(what: str, model: str, fn):
+    try:
+        return fn()
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {model}: cannot load the {what}: {first}") from None
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    return _loading("tokenizer", model, lambda: AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code))
+
+
+def load_config(model: str, trust_remote_code: bool = False, **overrides):
+    from transformers import AutoConfig
+    return _loading("config", model, lambda: AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, **overrides))
+
+
+def load_classifier(model: str, config, trust_remote_code: bool = False):
+    from transformers import AutoModelForSequenceClassification
+    return _loading("weights", model, lambda: AutoModelForSequenceClassification.from_pretrained(
+        model, config=config, trust_remote_code=trust_remote_code))
+
+
+def max_positions(config) -> int | None:
+    n = getattr(config, "max_position_embeddings", None)
+    # RoBERTa-style models reserve two positions for the padding offset
+    return n - 2 if n and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else n

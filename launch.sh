@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# bash launch.sh N [train flags]: N processes on this node through torchrun (DDP; NCCL on GPUs, gloo on CPU).
+# Multi-node: torchrun reads PET_NNODES, PET_NODE_RANK, PET_RDZV_BACKEND, PET_RDZV_ENDPOINT, PET_RDZV_ID and
+# PET_MAX_RESTARTS itself; set the same ones on every node and run the same command there.
+set -euo pipefail
+if [[ $# -lt 1 || ! $1 =~ ^[0-9]+$ || $1 -lt 1 ]]; then
+  echo "usage: bash launch.sh N [train flags]   (N = processes on this node)" >&2
+  exit 2
+fi
+nproc=$1; shift
+# torchrun sets OMP_NUM_THREADS=1 when it is unset; remember whether the user chose it, so that the
+# training splits this node's cores between its processes only when the user did not.
+export BERT_FINETUNE_OMP_NUM_THREADS=${OMP_NUM_THREADS:-}
+standalone=(--standalone)
+[[ -n ${PET_NNODES:-} ]] && standalone=()
+exec torchrun "${standalone[@]}" --nproc-per-node "$nproc" -m bert_finetune.train "$@"

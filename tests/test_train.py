@@ -1,0 +1,116 @@
+"""Real (tiny) training runs in one process: outputs, learning, metrics against sklearn."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from sklearn.metrics import accuracy_score, f1_score
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import run_train, train_args
+
+
+def transformers_predictions(model_dir, texts, max_length=32):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        enc = tok(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        return model(**enc).logits.argmax(-1).numpy(), model.config
+
+
+def test_tiny_model_learns_and_writes_every_output(tiny_model, make_csv, tmp_path):
+    out = tmp_path / "out"
+    r = run_train(train_args(tiny_model, make_csv(n=400), out, "--epochs", 3, "--save-total-limit", 2))
+    assert r["best"]["accuracy"] > 0.9, r["epochs"]  # chance is 0.5
+    assert r["world_size"] == 1 and len(r["epochs"]) == 3
+    assert r["train_samples_per_s"] > 0 and r["train_tokens_per_s"] > r["train_samples_per_s"]
+    for d in ("best", "last"):
+        assert os.path.isfile(out / d / "model.safetensors") and os.path.isfile(out / d / "tokenizer_config.json")
+    # the label names live in the saved config
+    config = json.load(open(out / "best" / "config.json"))
+    assert set(config["id2label"].values()) == {"neg", "pos"}
+    checkpoints = sorted(p for p in os.listdir(out) if p.startswith("checkpoint-"))
+    assert len(checkpoints) == 2  # rotated to --save-total-limit
+    assert any(os.path.isfile(os.path.join(out, "runs", r_, f)) for r_ in os.listdir(out / "runs")
+               for f in os.listdir(out / "runs" / r_) if f.startswith("events.out.tfevents"))
+
+
+def test_final_metrics_equal_sklearn_on_transformers_predictions(tiny_model, make_csv, tmp_path):
+    out = tmp_path / "out"
+    train, held = make_csv("train.csv", n=300, seed=1), make_csv("eval.csv", n=101, seed=2)
+    r = run_train(train_args(tiny_model, train, out, "--eval-file", held, "--epochs", 1))
+    df = pd.read_csv(held)
+    preds, config = transformers_predictions(out / "last", df.review)
+    y = df.label.map(config.label2id).to_numpy()
+    assert r["final"]["accuracy"] == pytest.approx(accuracy_score(y, preds), abs=1e-12)
+    assert r["final"]["weighted_f1"] == pytest.approx(f1_score(y, preds, average="weighted"), abs=1e-12)
+    assert r["final"]["macro_f1"] == pytest.approx(f1_score(y, preds, average="macro"), abs=1e-12)
+
+
+def test_best_is_the_best_epoch_and_last_the_final_weights(tiny_model, make_csv, tmp_path):
+    out = tmp_path / "out"
+    r = run_train(train_args(tiny_model, make_csv(n=200), out, "--epochs", 3, "--metric-for-best", "loss"))
+    losses = [e["loss"] for e in r["epochs"]]
+    assert r["best"]["loss"] == min(losses) and r["final"] == r["epochs"][-1]
+    best, last = load_file(out / "best" / "model.safetensors"), load_file(out / "last" / "model.safetensors")
+    same = all(torch.equal(best[k], last[k]) for k in best)
+    assert same == (r["best"]["step"] == r["final"]["step"])
+
+
+def test_grad_accumulation_matches_a_larger_batch(tiny_model, make_csv, tmp_path):
+    """2 x 4 accumulated = one batch of 8 (random sampler order is the same; dropout off)."""
+    csv = make_csv(n=64)
+    cfg = tmp_path / "nodrop"
+    from conftest import build_tiny_model
+    model = build_tiny_model(str(cfg))
+    c = json.load(open(cfg / "config.json"))
+    c["hidden_dropout_prob"] = c["attention_probs_dropout_prob"] = 0.0
+    json.dump(c, open(cfg / "config.json", "w"))
+    common = ["--epochs", 1, "--sampler", "random", "--max-grad-norm", 0, "--eval-split", 0.25]
+    a = train_args(model, csv, tmp_path / "a", *common)
+    b = train_args(model, csv, tmp_path / "b", *common, "--grad-accum", 2)
+    b[b.index("--batch-size") + 1] = "4"
+    ra, rb = run_train(a), run_train(b)
+    assert ra["steps"] == rb["steps"] == 6
+    wa, wb = load_file(tmp_path / "a" / "last" / "model.safetensors"), load_file(tmp_path / "b" / "last" / "model.safetensors")
+    w0 = load_file(os.path.join(model, "model.safetensors"))
+    moved = max((wa[k] - w0[k]).abs().max().item() for k in wa if k in w0)
+    # equal up to float noise from the two batch shapes (Adam magnifies it in early steps), far below the move
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < moved / 20
+
+
+def test_fp16_grad_scaler_path_on_cpu(tiny_model, make_csv, tmp_path):
+    r = run_train(train_args(tiny_model, make_csv(n=400), tmp_path / "o", "--epochs", 3, "--precision", "fp16"))
+    assert r["precision"] == "fp16" and np.isfinite(r["final"]["loss"])
+    assert r["best"]["accuracy"] > 0.8  # it learns through the scaler (chance: 0.5)
+
+
+def test_split_is_seeded_and_stratified(tiny_model, make_csv, tmp_path):
+    from bert_finetune import data
+    table = data.read_table(make_csv(n=101), "review", "label")
+    a, b = data.split(table, 0.2, 3, "x"), data.split(table, 0.2, 3, "x")
+    assert a[1]["row"].tolist() == b[1]["row"].tolist()
+    assert abs(a[1]["label"].value_counts()["pos"] - a[1]["label"].value_counts()["neg"]) <= 1
+    assert not set(a[0]["row"]) & set(a[1]["row"])
+
+
+def test_predict_cli_prints_label_and_probability(tiny_model, make_csv, tmp_path):
+    from conftest import python_m
+    out = tmp_path / "out"
+    run_train(train_args(tiny_model, make_csv(n=300), out, "--epochs", 3))
+    p = python_m("bert_finetune.predict", ["--model", out / "best", "--text", "the movie was good",
+                                           "--text", "an awful plot"])
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == ["pos", "neg"]
+    assert all(0.5 < float(ln.split("\t")[1]) <= 1 for ln in lines)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_mixed_precision(tiny_model, make_csv, tmp_path, precision):
+    r = run_train(train_args(tiny_model, make_csv(n=200), tmp_path / "o", "--epochs", 2, "--precision", precision))
+    assert r["precision"] == precision and r["best"]["accuracy"] > 0.6
