@@ -1,0 +1,177 @@
+"""Kill, preempt, corrupt: a resumed run ends bitwise equal to an unbroken one."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, env, python_m, torchrun, train_args
+
+STEPS = 120
+
+
+def args_for(model, csv, out, *extra):
+    # dropout stays on (the tiny model's default 0.1): RNG state must be restored for equality
+    return train_args(model, csv, out, "--epochs", 3, "--max-steps", STEPS, "--save-steps", 3, "--seed", 11,
+                      "--eval-split", 0.25, *extra)
+
+
+def weights(out):
+    return load_file(os.path.join(out, "last", "model.safetensors"))
+
+
+def assert_bitwise_equal(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    diff = {k: (wa[k] - wb[k]).abs().max().item() for k in wa if not torch.equal(wa[k], wb[k])}
+    assert not diff, f"{len(diff)} tensors differ, max {max(diff.values()):.3g}"
+
+
+def checkpoints(out):
+    return sorted(n for n in os.listdir(out) if n.startswith("checkpoint-step") and ".tmp" not in n) \
+        if os.path.isdir(out) else []
+
+
+def descendants(pid: int) -> list:
+    """pid's children, grandchildren...: torchrun's workers live in sessions of their own."""
+    out = []
+    for child in subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split():
+        out += [int(child)] + descendants(int(child))
+    return out
+
+
+def kill_job(proc):
+    """SIGKILL the whole job at once, as when a machine is lost."""
+    for pid in [proc.pid] + descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def start(cmd, **environ):
+    return subprocess.Popen(cmd, env=env(**environ), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for_checkpoints(proc, out, n, timeout=120):
+    t0 = time.time()
+    while len(checkpoints(out)) < n:
+        assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()[-2000:]
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+
+
+def train_cmd(args, nproc=1):
+    if nproc == 1:
+        return [sys.executable, "-m", "bert_finetune.train", "--single-gpu", *map(str, args)]
+    return ["bash", os.path.join(ROOT, "launch.sh"), str(nproc), *map(str, args)]
+
+
+def unbroken(tmp_path, model, csv, nproc=1):
+    out = tmp_path / "straight"
+    p = subprocess.run(train_cmd(args_for(model, csv, out), nproc), env=env(), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_then_resume_is_bitwise_equal(tiny_model, make_csv, tmp_path, nproc):
+    csv = make_csv(n=400)
+    straight = unbroken(tmp_path, tiny_model, csv, nproc)
+    out = tmp_path / "broken"
+    proc = start(train_cmd(args_for(tiny_model, csv, out), nproc))
+    wait_for_checkpoints(proc, out, 2)
+    kill_job(proc)
+    assert not os.path.exists(out / "last"), "killed too late"
+    killed_at = checkpoints(out)[-1]
+    p = subprocess.run(train_cmd(args_for(tiny_model, csv, out, "--resume", "auto"), nproc), env=env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"resumed from {out / killed_at}" in p.stdout, (killed_at, p.stdout[:3000])
+    assert_bitwise_equal(straight, out)
+
+
+def test_sigterm_saves_says_so_and_resumes_bitwise(tiny_model, make_csv, tmp_path):
+    csv = make_csv(n=400)
+    straight = unbroken(tmp_path, tiny_model, csv)
+    out = tmp_path / "term"
+    proc = start(train_cmd(args_for(tiny_model, csv, out)))
+    wait_for_checkpoints(proc, out, 1)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode not in (0, None)
+    assert "stopped by SIGTERM" in log and "--resume auto" in log and "Traceback" not in log
+    assert not os.path.exists(out / "last")
+    p = python_m("bert_finetune.train", ["--single-gpu", *args_for(tiny_model, csv, out, "--resume", "auto")])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert_bitwise_equal(straight, out)
+
+
+def test_damaged_newest_checkpoint_falls_back(tiny_model, make_csv, tmp_path):
+    csv = make_csv(n=400)
+    straight = unbroken(tmp_path, tiny_model, csv)
+    out = tmp_path / "broken"
+    proc = start(train_cmd(args_for(tiny_model, csv, out)))
+    wait_for_checkpoints(proc, out, 2)
+    kill_job(proc)
+    newest = out / checkpoints(out)[-1]
+    victim = newest / "model.safetensors"
+    os.truncate(victim, os.path.getsize(victim) // 2)
+    p = python_m("bert_finetune.train", ["--single-gpu", *args_for(tiny_model, csv, out, "--resume", "auto")])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"checkpoint {newest} is damaged: model.safetensors is truncated" in p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    assert_bitwise_equal(straight, out)
+
+
+def test_resume_auto_without_checkpoints_starts_fresh_and_resume_path_works(tiny_model, make_csv, tmp_path):
+    csv = make_csv(n=100)
+    out = tmp_path / "fresh"
+    p = python_m("bert_finetune.train", ["--single-gpu", *train_args(tiny_model, csv, out, "--epochs", 1,
+                                                                     "--resume", "auto")])
+    assert p.returncode == 0 and "starting fresh" in p.stdout
+    # rerunning over an earlier run's checkpoints without --resume is refused, nothing touched
+    before = {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs}
+    p = python_m("bert_finetune.train", ["--single-gpu", *train_args(tiny_model, csv, out, "--epochs", 1)])
+    assert p.returncode == 2 and "--resume auto" in p.stderr
+    assert before == {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs}
+
+
+def test_rotation_keeps_newest_and_best(tmp_path):
+    from bert_finetune import checkpoint
+    for step in (1, 2, 3, 4, 5):
+        checkpoint.save(str(tmp_path), step, {"w": torch.zeros(2)}, {"step": step})
+    checkpoint.rotate(str(tmp_path), 2, protect=[str(tmp_path / "checkpoint-step000001")])
+    assert checkpoints(tmp_path) == ["checkpoint-step000001", "checkpoint-step000005"]
+    # a damaged newest one is not counted as the newest valid: the previous valid one survives
+    checkpoint.save(str(tmp_path), 6, {"w": torch.zeros(2)}, {"step": 6})
+    os.truncate(tmp_path / "checkpoint-step000006" / "training_state.pt", 10)
+    checkpoint.rotate(str(tmp_path), 1)
+    assert "checkpoint-step000005" in checkpoints(tmp_path)
+    assert checkpoint.find_resume("auto", str(tmp_path)).endswith("checkpoint-step000005")
+
+
+def test_a_dead_rank_ends_the_job(tiny_model, make_csv, tmp_path):
+    csv = make_csv(n=400)
+    out = tmp_path / "dead"
+    proc = start(train_cmd(train_args(tiny_model, csv, out, "--epochs", 1000, "--save-steps", 5,
+                                      "--dist-timeout", 10), 2))
+    wait_for_checkpoints(proc, out, 1)
+    workers = [p for p in descendants(proc.pid) if "torchrun" not in open(f"/proc/{p}/cmdline").read()
+               and "bert_finetune.train" in open(f"/proc/{p}/cmdline").read()]
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    t0 = time.time()
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+    assert proc.returncode != 0 and time.time() - t0 < 60
