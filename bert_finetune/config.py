@@ -27,12 +27,13 @@ class Config:
     max_length: int = 128
     strict: bool = False  # rows with empty text are an error instead of being skipped
     trust_remote_code: bool = False
+    cache_dir: str = "~/.cache/bert_finetune/tokens"  # token ids of earlier runs ("" = no cache)
     # optimisation
     epochs: int = 2
     batch_size: int = 32  # per process
     eval_batch_size: int = 128  # per process
     grad_accum: int = 1
-    lr: float = 5e-5
+    lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0 = no clipping

@@ -2,6 +2,7 @@
 import csv
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -156,11 +157,44 @@ def tokenize(tokenizer, texts, max_length: int, batch: int = 2048):
     return ids
 
 
-def fingerprint(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(repr(p).encode())
-    return h.hexdigest()[:16]
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes whenever the tokenizer would map some text differently (vocab, normalizer, class)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None), spec.pop("padding", None)  # call-time state, set by the last call
+        spec = json.dumps(spec, sort_keys=True)
+    else:
+        spec = repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}|{spec}".encode()).hexdigest()
+
+
+def tokenize_cached(tokenizer, texts, max_length: int, cache_dir: str):
+    """tokenize(), cached on disk under a key of the texts, the tokenizer and the length limit, so a
+    rerun on the same data skips tokenization. cache_dir "" turns the cache off."""
+    if not cache_dir:
+        return tokenize(tokenizer, texts, max_length)
+    h = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}|{max_length}|truncation=head|".encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+    path = os.path.join(os.path.expanduser(cache_dir), f"{h.hexdigest()[:32]}.npz")
+    try:
+        with np.load(path) as f:
+            flat, offsets = f["ids"], f["offsets"]
+        return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    except (OSError, KeyError, ValueError):
+        pass  # not cached yet (or a damaged file): tokenize and write it anew
+    ids = tokenize(tokenizer, texts, max_length)
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in ids], out=offsets[1:])
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, ids=np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets=offsets)
+        os.replace(tmp, path)  # ranks may race to write the same entry: each rename is whole
+    except OSError as e:
+        log.warning("token cache %s not written: %s", cache_dir, e.strerror)
+    return ids
 
 
 class EncodedDataset(Dataset):

@@ -1,4 +1,13 @@
-"""evaluate(): every example once across ranks, metrics from the all-reduced confusion matrix."""
+"""evaluate(): every example once across ranks, metrics from the all-reduced confusion matrix.
+
+Also a CLI that judges a saved model on a labelled CSV (train.py uses only evaluate() and eval_loader()):
+
+    python -m bert_finetune.evaluate --model OUTPUT/best --data test.csv [--output-dir DIR]
+    torchrun --nproc-per-node N -m bert_finetune.evaluate ...   (each process scores its shard)
+"""
+import json
+import logging
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -7,9 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from . import distributed, metrics
+from . import data, distributed, metrics, modeling, reporting, visuals
+from .config import _Parser
 from .data import Collator
+from .errors import UserError, cli
 from .sampling import eval_shard
+
+log = logging.getLogger("bert_finetune")
 
 
 @dataclass
@@ -55,3 +68,125 @@ def evaluate(model, loader: DataLoader, num_labels: int, device: torch.device, a
     result = metrics.from_confusion(cm)
     result["loss"] = float(loss_sum / max(cm.sum(), 1))
     return EvalResult(result, cm, indices, labels, probs)
+
+
+# ---------------------------------------------------------------- the CLI
+
+def report_text(cm: np.ndarray, names, result: dict) -> str:
+    """sklearn's classification_report layout: per class, then accuracy, macro and weighted averages."""
+    c = metrics.per_class(cm)
+    width = max(12, *(len(n) for n in names))
+    head = f"{'':>{width}} {'precision':>10} {'recall':>10} {'f1-score':>10} {'support':>10}"
+    lines = [head, ""]
+    for i, name in enumerate(names):
+        lines.append(f"{name:>{width}} {c['precision'][i]:>10.4f} {c['recall'][i]:>10.4f} {c['f1'][i]:>10.4f} "
+                     f"{c['support'][i]:>10d}")
+    total = int(cm.sum())
+    lines += ["", f"{'accuracy':>{width}} {'':>10} {'':>10} {result['accuracy']:>10.4f} {total:>10d}"]
+    for avg in ("macro", "weighted"):
+        lines.append(f"{avg + ' avg':>{width}} {result[avg + '_precision']:>10.4f} {result[avg + '_recall']:>10.4f} "
+                     f"{result[avg + '_f1']:>10.4f} {total:>10d}")
+    absent = [n for n, p in zip(names, c["present"]) if not p]
+    if absent:
+        lines.append(f"(neither in the data nor predicted, left out of the macro average: {', '.join(absent)})")
+    return "\n".join(lines)
+
+
+def confusion_text(cm: np.ndarray, names) -> str:
+    """The confusion matrix as a table: rows are true labels, columns predicted ones."""
+    width = max(6, *(len(n) for n in names), *(len(str(v)) for v in np.asarray(cm).ravel()))
+    corner = "true \\ pred"
+    first = max(width, len(corner))
+    lines = [f"{corner:>{first}} " + " ".join(f"{n:>{width}}" for n in names)]
+    for name, row in zip(names, np.asarray(cm)):
+        lines.append(f"{name:>{first}} " + " ".join(f"{int(v):>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+@cli
+def main(argv=None):
+    parser = _Parser(prog="bert_finetune.evaluate",
+                     description="Judge a saved model on a labelled CSV: accuracy, precision/recall/F1, "
+                                 "confusion matrix.")
+    parser.add_argument("--model", required=True, help="a saved model folder, e.g. outputs/best")
+    parser.add_argument("--data", required=True, help="a CSV file with a text and a label column")
+    parser.add_argument("--text-column", help="default: the one the model was trained with, else 'review'")
+    parser.add_argument("--label-column", help="default: the one the model was trained with, else 'label'")
+    parser.add_argument("--output-dir", help="where eval_results.json and confusion_matrix.png go "
+                                             "(default: eval-NAME in the current folder, NAME = the data file's name)")
+    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--max-length", type=int, help="default: the length the model was trained with")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N rows (0 = all)")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait (torchrun)")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    reporting.setup_logging(rank)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+
+    # -- everything that can be wrong with the input is found before the process group forms
+    path = modeling.resolve(args.model)
+    tokenizer = modeling.load_tokenizer(path, args.trust_remote_code)
+    model = modeling.load_classifier(path, modeling.load_config(path, args.trust_remote_code), args.trust_remote_code)
+    saved = {}
+    if os.path.isfile(os.path.join(path, "bert_finetune.json")):
+        with open(os.path.join(path, "bert_finetune.json")) as f:
+            saved = json.load(f)
+    text_column = args.text_column or saved.get("text_column") or "review"
+    label_column = args.label_column or saved.get("label_column") or "label"
+    limit = modeling.max_positions(model.config)
+    max_length = args.max_length or saved.get("max_length") or min(limit or 512, 512)
+    if limit and max_length > limit:
+        raise UserError(f"--max-length {max_length} is above the model's position limit ({limit})")
+    labels = data.LabelMap.from_config(model.config)
+    table = data.read_table(args.data, text_column, label_column, args.limit)
+    unknown = sorted(set(table["label"]) - set(labels.ids))
+    if unknown:
+        first = table.loc[~table["label"].isin(labels.ids), "row"].iloc[0]
+        raise UserError(f"{args.data}: label(s) the model does not know: {', '.join(map(repr, unknown[:10]))}"
+                        f"{' ...' if len(unknown) > 10 else ''} (first on line {first}); "
+                        f"the model knows: {', '.join(labels.names)}")
+    output_dir = args.output_dir or f"eval-{os.path.splitext(os.path.basename(args.data))[0]}"
+    if rank == 0:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--output-dir {output_dir}: cannot be created: {e.strerror}") from None
+        if not os.access(output_dir, os.W_OK | os.X_OK):
+            raise UserError(f"--output-dir {output_dir}: not writable")
+    dataset = data.EncodedDataset(data.tokenize(tokenizer, table["text"].tolist(), max_length),
+                                  labels.encode(table, args.data), table["text"].tolist())
+
+    dist = distributed.setup(args.dist_timeout)
+    try:
+        model.to(dist.device)
+        collate = Collator(tokenizer.pad_token_id or 0, multiple=8 if dist.device.type == "cuda" else 1)
+        loader = eval_loader(dataset, args.batch_size, dist, collate)
+        log.info("evaluating %s on %d examples of %s (max length %d) on %s x %d", args.model, len(dataset), args.data,
+                 max_length, dist.device.type, dist.world_size)
+        result = evaluate(model, loader, len(labels), dist.device)
+        if dist.is_main:
+            names, cm, m = labels.names, result.confusion, result.metrics
+            c = metrics.per_class(cm)
+            per_class = {n: {"precision": float(c["precision"][i]), "recall": float(c["recall"][i]),
+                             "f1": float(c["f1"][i]), "support": int(c["support"][i])} for i, n in enumerate(names)}
+            summary = {"model": args.model, "data": args.data, "examples": int(cm.sum()), "max_length": max_length,
+                       "labels": names, "metrics": m, "per_class": per_class, "confusion_matrix": cm.tolist()}
+            json_path = os.path.join(output_dir, "eval_results.json")
+            png_path = os.path.join(output_dir, "confusion_matrix.png")
+            with open(json_path, "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=1, ensure_ascii=False)
+            visuals.save_confusion_png(cm, names, png_path, os.path.basename(args.data))
+            print(f"accuracy {m['accuracy']:.4f}  weighted F1 {m['weighted_f1']:.4f}  macro F1 {m['macro_f1']:.4f}  "
+                  f"loss {m['loss']:.4f}  ({int(cm.sum())} examples)\n")
+            print(report_text(cm, names, m) + "\n")
+            print(confusion_text(cm, names) + "\n")
+            print(f"written: {json_path}, {png_path}", flush=True)
+        distributed.barrier()
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()

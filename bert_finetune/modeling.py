@@ -23,7 +23,7 @@ def resolve(model: str) -> str:
 def _loading(what: str, model: str, fn):
     try:
         return fn()
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: e.g. a head of another size
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model {model}: cannot load the {what}: {first}") from None
 

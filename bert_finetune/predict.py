@@ -1,16 +1,41 @@
-"""Apply a trained model to text: the label and its probability.
+"""Apply a trained model to text: the predicted label, its probability, and every label's probability.
 
     python -m bert_finetune.predict --model OUTPUT/best --text "..." [--text "..."]
+    python -m bert_finetune.predict --model OUTPUT/best --input FILE|- [--output FILE.csv|FILE.jsonl|-]
+
+--input: a .csv file (the text in --text-column), a .jsonl file (one object per line, the text in
+--text-column, or one JSON string per line), any other file one example per line, or - for lines
+on standard input. Without --output each example prints as LABEL<tab>PROBABILITY<tab>TEXT; --output
+writes CSV or JSON Lines by its extension (- = JSON Lines on standard output) with the input's own
+fields followed by prediction, probability and the probability of every label. Output rows follow
+input rows one to one: an empty example gets an empty prediction.
 """
-import argparse
 import json
+import logging
 import os
+import sys
+from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from . import data, modeling, reporting
+from .config import _Parser
 from .errors import UserError, cli
+
+log = logging.getLogger("bert_finetune")
+
+DEFAULT_TEXT_COLUMN = "review"
+
+
+def saved_settings(path: str) -> dict:
+    """What training stored beside the weights (max_length, text_column, label_column); {} if nothing."""
+    try:
+        with open(os.path.join(path, "bert_finetune.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 class Predictor:
@@ -25,43 +50,284 @@ class Predictor:
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.labels = data.LabelMap.from_config(self.model.config)
-        saved = {}
-        if os.path.isfile(os.path.join(path, "bert_finetune.json")):
-            with open(os.path.join(path, "bert_finetune.json")) as f:
-                saved = json.load(f)
-        self.max_length = max_length or saved.get("max_length") or modeling.max_positions(config) or 512
+        self.saved = saved_settings(path)
+        limit = modeling.max_positions(config)
+        if max_length and limit and max_length > limit:
+            raise UserError(f"--max-length {max_length} is above the model's position limit ({limit})")
+        self.max_length = max_length or self.saved.get("max_length") or min(limit or 512, 512)
+
+    def encode(self, texts) -> tuple[list, np.ndarray]:
+        """(token ids per text, cut to max_length; whether each text was longer and got truncated)."""
+        ids = data.tokenize(self.tokenizer, texts, self.max_length)
+        truncated = np.zeros(len(texts), dtype=bool)
+        full = [i for i, x in enumerate(ids) if len(x) >= self.max_length]  # only these can have been cut
+        if full:
+            lengths = self.tokenizer([texts[i] for i in full], return_attention_mask=False,
+                                     return_token_type_ids=False, return_length=True)["length"]
+            truncated[full] = np.asarray(lengths) > self.max_length
+        return ids, truncated
 
     @torch.no_grad()
-    def probabilities(self, texts, batch_size: int = 64) -> np.ndarray:
-        ids = data.tokenize(self.tokenizer, texts, self.max_length)
-        collate = data.Collator(self.tokenizer.pad_token_id or 0)
+    def scores(self, ids, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Probabilities (len(ids) x labels) in input order; batches of similar length, padded per batch."""
+        from tqdm.auto import tqdm
+        collate = data.Collator(self.tokenizer.pad_token_id or 0, multiple=8 if self.device.type == "cuda" else 1)
         order = np.argsort([-len(x) for x in ids], kind="stable")
-        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = collate([{"input_ids": ids[i], "labels": 0, "index": i} for i in chunk])
-            logits = self.model(input_ids=batch["input_ids"].to(self.device),
-                                attention_mask=batch["attention_mask"].to(self.device)).logits
-            out[chunk] = logits.float().softmax(-1).cpu().numpy()
+        out = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
+        with tqdm(total=len(ids), unit="text", disable=not progress, file=sys.stderr, mininterval=1.0,
+                  dynamic_ncols=True) as bar:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                batch = collate([{"input_ids": ids[i], "labels": 0, "index": i} for i in chunk])
+                logits = self.model(input_ids=batch["input_ids"].to(self.device),
+                                    attention_mask=batch["attention_mask"].to(self.device)).logits
+                out[chunk] = logits.float().softmax(-1).cpu().numpy()
+                bar.update(len(chunk))
         return out
+
+    def probabilities(self, texts, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        return self.scores(self.encode(texts)[0], batch_size, progress)
+
+
+# ---------------------------------------------------------------- input
+
+@dataclass
+class Inputs:
+    texts: list  # one per example, in input order ("" = nothing to classify)
+    lines: list  # where each example is in its source (line number, or --text position), for messages
+    records: list | None  # the input's own fields per example (CSV, JSON Lines), kept in the output
+    text_key: str  # the text's field name in the output
+
+
+def _decoded_lines(stream, name: str):
+    """Lines of a binary stream as text, without their line endings; a bad byte is a one-line error."""
+    for number, raw in enumerate(stream, 1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{name}: line {number} is not valid UTF-8 text (save the file as UTF-8)") from None
+        yield number, line.rstrip("\n").rstrip("\r")
+
+
+def _open_binary(path: str):
+    if os.path.isdir(path):
+        raise UserError(f"--input {path}: is a folder, not a file")
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise UserError(f"--input {path}: cannot be read: {e.strerror}") from None
+
+
+def read_lines(path: str) -> Inputs:
+    """One example per line; '-' is standard input."""
+    name = "standard input" if path == "-" else path
+    if path == "-":
+        lines = list(_decoded_lines(sys.stdin.buffer, name))
+    else:
+        with _open_binary(path) as f:
+            lines = list(_decoded_lines(f, name))
+    return Inputs([t for _, t in lines], [n for n, _ in lines], None, "text")
+
+
+def read_jsonl(path: str, text_column: str) -> Inputs:
+    """One JSON object per line with the text under `text_column`, or one JSON string per line."""
+    texts, numbers, records = [], [], []
+    with _open_binary(path) as f:
+        for number, line in _decoded_lines(f, path):
+            if not line.strip():  # a blank line keeps its place as an empty example
+                obj = {}
+            else:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {number} is not valid JSON: {e.msg}") from None
+            if isinstance(obj, str):
+                obj = {text_column: obj}
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}: line {number}: expected an object or a string, got {type(obj).__name__}")
+            if obj and text_column not in obj:
+                raise UserError(f"{path}: line {number}: no field '{text_column}' (--text-column); "
+                                f"the fields are: {', '.join(map(str, obj))}")
+            text = obj.get(text_column, "")
+            texts.append("" if text is None else str(text))
+            numbers.append(number)
+            records.append(obj)
+    return Inputs(texts, numbers, records, text_column)
+
+
+def read_csv(path: str, text_column: str) -> Inputs:
+    if not os.path.exists(path):
+        raise UserError(f"--input {path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"--input {path}: is a folder, not a file")
+    try:
+        df = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid UTF-8 text (save the file as UTF-8)") from None
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: the file is empty (expected a header line with a '{text_column}' column)") from None
+    except pd.errors.ParserError as e:
+        raise UserError(f"{path}: not a valid CSV: {str(e).strip().splitlines()[-1]}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read: {e.strerror}") from None
+    df.columns = [str(c) for c in df.columns]
+    if text_column not in df.columns:
+        raise UserError(f"{path}: no column '{text_column}' (--text-column); the columns are: {', '.join(df.columns)}")
+    return Inputs(df[text_column].tolist(), list(range(2, len(df) + 2)), df.to_dict("records"), text_column)
+
+
+def read_inputs(path: str, text_column: str) -> Inputs:
+    if path != "-" and not os.path.exists(path):
+        raise UserError(f"--input {path}: no such file")
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".csv":
+        return read_csv(path, text_column)
+    if extension in (".jsonl", ".ndjson"):
+        return read_jsonl(path, text_column)
+    return read_lines(path)
+
+
+# ---------------------------------------------------------------- output
+
+def output_rows(inputs: Inputs, probs: np.ndarray, names, nested: bool) -> list:
+    """One dict per input example: its own fields, then prediction, probability and every label's
+    probability (nested under `probabilities`, or flat as `prob_LABEL` columns)."""
+    rows = []
+    for i, text in enumerate(inputs.texts):
+        row = dict(inputs.records[i]) if inputs.records is not None else {inputs.text_key: text}
+        p = probs[i]
+        empty = np.isnan(p).any()
+        best = None if empty else int(p.argmax())
+        row["prediction"] = None if empty else names[best]
+        row["probability"] = None if empty else round(float(p[best]), 6)
+        every = {name: None if empty else round(float(v), 6) for name, v in zip(names, p)}
+        if nested:
+            row["probabilities"] = None if empty else every
+        else:
+            row.update({f"prob_{name}": v for name, v in every.items()})
+        rows.append(row)
+    return rows
+
+
+def output_kind(path: str) -> str:
+    """csv, jsonl, or stdout (JSON Lines on standard output), from --output's name."""
+    if path == "-":
+        return "stdout"
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in (".csv", ".jsonl", ".ndjson"):
+        raise UserError(f"--output {path}: name a .csv or .jsonl file (or - for JSON Lines on standard output)")
+    return "csv" if extension == ".csv" else "jsonl"
+
+
+def write_output(path: str, rows: list):
+    """CSV or JSON Lines by the name; a file is written under a temporary name and renamed, so an
+    interrupted run leaves no half-written file."""
+    kind = output_kind(path)
+    if kind == "stdout":
+        sys.stdout.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        sys.stdout.flush()
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"--output {path}: the folder {parent} does not exist")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        if kind == "csv":
+            pd.DataFrame(rows).to_csv(tmp, index=False, encoding="utf-8")
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"--output {path}: cannot be written: {e.strerror}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) if any(c in text for c in "\t\r\n") else text
+
+
+# ---------------------------------------------------------------- CLI
+
+def _where(inputs: Inputs, positions, what: str) -> str:
+    shown = ", ".join(str(inputs.lines[i]) for i in positions[:5])
+    plural = "s" if len(positions) > 1 and what == "line" else ""
+    return f"{what}{plural} {shown}{' ...' if len(positions) > 5 else ''}"
 
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="bert_finetune.predict", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="bert_finetune.predict", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a saved model folder, e.g. outputs/best")
-    parser.add_argument("--text", action="append", required=True, help="a text to classify (repeatable)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    source.add_argument("--input", help="a .csv, .jsonl or text file (one example per line); - for standard input")
+    parser.add_argument("--output", help="a .csv or .jsonl file to write (- = JSON Lines on standard output); "
+                                         "default: LABEL<tab>PROBABILITY<tab>TEXT lines on standard output")
+    parser.add_argument("--text-column", help="the text's column (CSV) or field (JSON Lines); default: the one the "
+                                              f"model was trained with, else '{DEFAULT_TEXT_COLUMN}'")
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, help="default: the length the model was trained with")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
     reporting.setup_logging()
+    log.handlers[0].setStream(sys.stderr)  # standard output carries the predictions only
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length must be at least 2, got {args.max_length}")
     if not os.path.isdir(args.model) and os.path.exists(args.model):
         raise UserError(f"--model {args.model}: not a model folder")
-    predictor = Predictor(args.model, max_length=args.max_length, trust_remote_code=args.trust_remote_code)
-    probs = predictor.probabilities(args.text)
-    for text, p in zip(args.text, probs):
-        best = int(p.argmax())
-        print(f"{predictor.labels.names[best]}\t{p[best]:.4f}\t{text}")
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError:
+        raise UserError(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA GPU is available")
+    kind = output_kind(args.output) if args.output else None
+    # the input is read before the model loads: a wrong column or file fails at once
+    text_column = args.text_column or saved_settings(modeling.resolve(args.model)).get("text_column") \
+        or DEFAULT_TEXT_COLUMN
+    if args.text is not None:
+        inputs = Inputs(list(args.text), [f"#{i}" for i in range(1, len(args.text) + 1)], None, "text")
+    else:
+        inputs = read_inputs(args.input, text_column)
+    predictor = Predictor(args.model, device=device, max_length=args.max_length,
+                          trust_remote_code=args.trust_remote_code)
+    what = "--text" if args.text is not None else "line"
+
+    present = [i for i, t in enumerate(inputs.texts) if t.strip()]
+    empty = [i for i, t in enumerate(inputs.texts) if not t.strip()]
+    if empty:
+        log.warning("%d empty example(s) (%s) get an empty prediction", len(empty), _where(inputs, empty, what))
+    probs = np.full((len(inputs.texts), len(predictor.labels)), np.nan, dtype=np.float32)
+    if present:
+        ids, truncated = predictor.encode([inputs.texts[i] for i in present])
+        cut = np.flatnonzero(truncated)
+        if len(cut):
+            log.warning("%d of %d example(s) are longer than %d tokens and were truncated (%s)", len(cut),
+                        len(present), predictor.max_length, _where(inputs, [present[i] for i in cut], what))
+        progress = len(present) > 8 * args.batch_size
+        probs[present] = predictor.scores(ids, args.batch_size, progress)
+
+    names = predictor.labels.names
+    if args.output:
+        write_output(args.output, output_rows(inputs, probs, names, nested=kind != "csv"))
+        if kind != "stdout":
+            log.info("%d prediction(s) written to %s", len(inputs.texts), args.output)
+        return
+    out = []
+    for text, p in zip(inputs.texts, probs):
+        if np.isnan(p).any():
+            out.append(f"\t\t{_one_line(text)}")
+        else:
+            best = int(p.argmax())
+            out.append(f"{names[best]}\t{p[best]:.4f}\t{_one_line(text)}")
+    sys.stdout.write("".join(line + "\n" for line in out))
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

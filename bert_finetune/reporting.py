@@ -1,9 +1,9 @@
 """Console, tqdm and TensorBoard: rank 0 speaks, the others only warn."""
 import logging
-import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 log = logging.getLogger("bert_finetune")
@@ -34,6 +34,41 @@ class Writer:
         if self.tb:
             for k, v in values.items():
                 self.tb.add_scalar(f"{prefix}{k}", v, step)
+
+    @property
+    def enabled(self) -> bool:
+        return self.tb is not None
+
+    def image(self, tag: str, rgb, step: int):
+        """An image, height x width x 3 (uint8)."""
+        if self.tb:
+            self.tb.add_image(tag, rgb, step, dataformats="HWC")
+
+    def pr_curve(self, tag: str, is_positive, scores, step: int):
+        """A precision-recall curve of one class: truth as booleans, that class's probability as scores."""
+        if self.tb:
+            self.tb.add_pr_curve(tag, np.asarray(is_positive, dtype=bool), np.asarray(scores, dtype=np.float32), step)
+
+    def text(self, tag: str, markdown: str, step: int):
+        if self.tb:
+            self.tb.add_text(tag, markdown, step)
+
+    def hparams(self, hparams: dict, metrics: dict, step: int | None = None, prefix: str = "hparams/"):
+        """The run's settings and final metrics for the HParams tab, in this run's own folder.
+
+        SummaryWriter.add_hparams would put them in a sub-run of their own (a second "run" per
+        training in every tab); the same three summaries written here keep one run per training.
+        The metrics are also written as scalars `{prefix}NAME`, which is where the tab reads them.
+        """
+        if not self.tb:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+        values = {k: v if isinstance(v, (int, float, str)) else str(v) for k, v in hparams.items() if v is not None}
+        tagged = {f"{prefix}{k}": float(v) for k, v in metrics.items()}
+        for summary in hparams_summaries(values, tagged):
+            self.tb.file_writer.add_summary(summary, step)
+        for tag, v in tagged.items():
+            self.tb.add_scalar(tag, v, step)
 
     def flush(self):
         if self.tb:
@@ -74,8 +109,10 @@ def matmul_peak_flops(device: torch.device, precision: str) -> float:
 
 def probe_matmul(device: torch.device, n: int = 2048, repeats: int = 6) -> float:
     """Best of a few n x n fp32 matmuls, FLOP/s (about a second on a 2-core CPU)."""
-    a = torch.randn(n, n, device=device, generator=None)
-    b = torch.randn(n, n, device=device)
+    # its own generator: the probe must not move the training RNG (exact resume)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g)
+    b = torch.randn(n, n, device=device, generator=g)
     best = float("inf")
     for _ in range(repeats + 1):
         if device.type == "cuda":
@@ -99,12 +136,16 @@ def train_flops_per_token(model) -> float:
 
 
 class Meter:
-    """Counts samples and real/padded tokens between calls to `rates()`."""
+    """Training throughput. Counts samples and real/padded tokens over an interval; `lap()` closes
+    the interval and folds it into whole-run totals. Time between `lap()` and `restart()` (evaluation,
+    checkpoints) is not training time and is not counted."""
 
-    def __init__(self):
-        self.reset()
+    def __init__(self, flops_per_token: float, peak: float, totals: dict | None = None):
+        self.flops_per_token, self.peak = flops_per_token, peak
+        self.totals = dict(totals or {"seconds": 0.0, "samples": 0, "real": 0, "padded": 0})
+        self.restart()
 
-    def reset(self):
+    def restart(self):
         self.t0, self.samples, self.real, self.padded = time.perf_counter(), 0, 0, 0
 
     def add(self, batch):
@@ -112,12 +153,28 @@ class Meter:
         self.real += int(batch["attention_mask"].sum())
         self.padded += batch["attention_mask"].numel()
 
-    def rates(self, flops_per_token: float, peak: float, world_size: int) -> dict:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        tokens_per_s = self.real * world_size / dt
+    def counts(self) -> list:
+        return [self.samples, self.real, self.padded]
+
+    def lap(self, counts=None) -> dict:
+        """Rates over the interval just closed; `counts` = the interval's (samples, real, padded)
+        summed over ranks (default: this process's own)."""
+        seconds = time.perf_counter() - self.t0
+        samples, real, padded = (int(c) for c in (counts if counts is not None else self.counts()))
+        for key, value in zip(("seconds", "samples", "real", "padded"), (seconds, samples, real, padded)):
+            self.totals[key] += value
+        self.restart()
+        return self._rates(seconds, samples, real, padded)
+
+    def overall(self) -> dict:
+        t = self.totals
+        return self._rates(t["seconds"], t["samples"], t["real"], t["padded"])
+
+    def _rates(self, seconds, samples, real, padded) -> dict:
+        seconds = max(seconds, 1e-9)
         return {
-            "samples_per_s": self.samples * world_size / dt,
-            "tokens_per_s": tokens_per_s,
-            "padding_fraction": 1 - self.real / max(self.padded, 1),
-            "mfu": tokens_per_s * flops_per_token / peak if peak else 0.0,
+            "samples_per_s": samples / seconds,
+            "tokens_per_s": real / seconds,
+            "padding_fraction": 1 - real / max(padded, 1),
+            "mfu": real / seconds * self.flops_per_token / self.peak if self.peak else 0.0,
         }

@@ -23,7 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from . import checkpoint, config, data, distributed, metrics, modeling, optim, reporting
+from . import checkpoint, config, data, distributed, metrics, modeling, optim, reporting, visuals
 from .errors import UserError, cli
 from .evaluate import eval_loader, evaluate
 from .sampling import LengthGroupedSampler, steps_per_epoch
@@ -58,8 +58,8 @@ def load_tables(cfg: config.Config):
     return train, held_out, labels, (source, source)
 
 
-def encode(tokenizer, table, labels: data.LabelMap, source: str, max_length: int) -> data.EncodedDataset:
-    ids = data.tokenize(tokenizer, table["text"].tolist(), max_length)
+def encode(tokenizer, table, labels: data.LabelMap, source: str, cfg: config.Config) -> data.EncodedDataset:
+    ids = data.tokenize_cached(tokenizer, table["text"].tolist(), cfg.max_length, cfg.cache_dir)
     return data.EncodedDataset(ids, labels.encode(table, source), table["text"].tolist())
 
 
@@ -68,10 +68,19 @@ def encode(tokenizer, table, labels: data.LabelMap, source: str, max_length: int
 def resolve_precision(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if requested != "fp32" and device.type == "cpu":
-        log.warning("--precision %s on CPU: half-precision matmuls run ~100x slower than fp32 on CPUs without "
-                    "AMX/AVX-512-BF16; use --precision fp32 unless this CPU has them", requested)
+    if requested != "fp32" and device.type == "cpu" and not _cpu_has_fast(requested):
+        log.warning("--precision %s: this CPU has no %s matmul units (AMX or AVX-512 %s), so it runs about 100x "
+                    "slower than fp32; use --precision fp32", requested, requested, requested.upper())
     return requested
+
+
+def _cpu_has_fast(precision: str) -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    wanted = {"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16")}[precision]
+    return any(f" {w}" in flags for w in wanted)
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -177,6 +186,10 @@ def main(argv=None):
 
     dist = distributed.setup(cfg.dist_timeout, single=single)
     try:
+        distributed.barrier()  # rank 0 has created the output dir by now
+        if not os.path.isdir(cfg.output_dir):
+            raise UserError(f"--output-dir {cfg.output_dir}: missing on this node (rank {dist.rank}) although rank 0 "
+                            f"created it: the output dir must be on storage that every node shares")
         run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table, labels, train_src, eval_src,
             distributed.broadcast(resume_from))
     finally:
@@ -194,8 +207,8 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
 
     # -- data: tokenize once, unpadded; batches padded to their own longest example
     t0 = time.perf_counter()
-    train_set = encode(tokenizer, train_table, labels, train_src, cfg.max_length)
-    eval_set = encode(tokenizer, eval_table, labels, eval_src, cfg.max_length)
+    train_set = encode(tokenizer, train_table, labels, train_src, cfg)
+    eval_set = encode(tokenizer, eval_table, labels, eval_src, cfg)
     log.info("data: %d train / %d held-out examples, %d labels (%s), tokenized in %.1f s",
              len(train_set), len(eval_set), len(labels), ", ".join(labels.names), time.perf_counter() - t0)
     collate = data.Collator(tokenizer.pad_token_id or 0, multiple=8 if device.type == "cuda" else 1)
@@ -228,7 +241,7 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
 
     # -- resume: weights before DDP wraps the model, then optimizer, schedule, scaler, position, RNG
     state = {"step": 0, "epoch": 0, "batches_done": 0, "best": None, "best_step": None, "epochs": [],
-             "train_seconds": 0.0, "speed": {}}
+             "train_seconds": 0.0, "speed": None}
     seed_everything(cfg.seed + dist.rank)  # dropout differs across ranks
     if resume_from:
         weights, saved = checkpoint.load(resume_from)
@@ -238,8 +251,6 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
         scaler.load_state_dict(saved["scaler"])
         state.update(saved["progress"])
         _warn_if_changed(saved["config"], config.to_dict(cfg), saved["world_size"], world)
-        if saved["world_size"] == world:
-            set_rng_state(saved["rng"][dist.rank])
         log.info("resumed from %s: step %d, epoch %d, batch %d", resume_from, state["step"], state["epoch"] + 1,
                  state["batches_done"])
 
@@ -280,6 +291,9 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
         log.info("eval epoch %d step %d: %s", epoch + 1, state["step"],
                  " ".join(f"{k} {v:.4f}" for k, v in m.items()))
         writer.scalars(m, state["step"], "eval/")
+        # pictures on rank 0; each rank holds only its shard's predictions
+        shares = distributed.gather((result.indices, result.labels, result.probs))
+        visuals.log_evaluation(writer, state["step"], result.confusion, labels.names, shares, eval_set.texts)
         if metrics.better(cfg.metric_for_best, m[cfg.metric_for_best], state["best"] and state["best"][cfg.metric_for_best]):
             state["best"], state["best_step"] = record, state["step"]
             if is_main:
@@ -287,10 +301,12 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
         distributed.barrier()
         return record
 
-    # -- the loop
+    # -- the loop; RNG states restored last, once nothing else will draw from them
+    if resume_from and saved["world_size"] == world:
+        set_rng_state(saved["rng"][dist.rank])
     stop = StopRequest()
     model.train()
-    meter = reporting.Meter()
+    meter = reporting.Meter(flops_per_token, peak, state["speed"])
     bar = reporting.progress(total_steps, state["step"], is_main)
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
@@ -332,15 +348,13 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
             bar.update(1)
 
             if state["step"] % cfg.log_steps == 0 or state["step"] == total_steps:
-                totals = distributed.all_reduce_sum(np.array([loss_sum.item(), loss_count]), device)
-                speed = meter.rates(flops_per_token, peak, world)
+                totals = distributed.all_reduce_sum(np.array([loss_sum.item(), loss_count, *meter.counts()]), device)
+                speed = meter.lap(totals[2:])
                 logged = {"loss": totals[0] / max(totals[1], 1), "lr": scheduler.get_last_lr()[0], **speed}
                 writer.scalars(logged, state["step"], "train/")
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}",
                                 samples_s=f"{speed['samples_per_s']:.1f}", pad=f"{speed['padding_fraction']:.1%}",
                                 mfu=f"{speed['mfu']:.2f}")
-                state["speed"] = _accumulate(state["speed"], meter, world, flops_per_token, peak)
-                meter.reset()
                 loss_sum.zero_()
                 loss_count = 0
 
@@ -349,11 +363,16 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
             if epoch_done:
                 state["epoch"], state["batches_done"] = epoch + 1, 0
             state["train_seconds"] = time.perf_counter() - t_start
-            if state["step"] >= total_steps or epoch_done:
+            evaluating = state["step"] >= total_steps or epoch_done
+            saving = evaluating or stopping or (cfg.save_steps and state["step"] % cfg.save_steps == 0)
+            if saving:  # evaluation and checkpoints are not training time
+                meter.lap(distributed.all_reduce_sum(np.array(meter.counts()), device))
+                state["speed"] = dict(meter.totals)
+            if evaluating:
                 final = run_evaluation(epoch)
+            if saving:
                 save_checkpoint()
-            elif stopping or (cfg.save_steps and state["step"] % cfg.save_steps == 0):
-                save_checkpoint()
+                meter.restart()
             if stopping:
                 bar.close()
                 name = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another rank"
@@ -364,7 +383,7 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
             if state["step"] >= total_steps:
                 break
     bar.close()
-    state["speed"] = _accumulate(state["speed"], meter, world, flops_per_token, peak)
+    speed = meter.overall()
 
     # -- outputs: last/ is the weights `final` measured; best/ was written when it was best
     if is_main:
@@ -374,32 +393,22 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
             "best_step": state["best_step"], "steps": state["step"], "world_size": world,
             "precision": precision, "labels": labels.names,
             "train_seconds": state["train_seconds"],
-            "train_samples_per_s": state["speed"].get("samples_per_s", 0.0),
-            "train_tokens_per_s": state["speed"].get("tokens_per_s", 0.0),
-            "padding_fraction": state["speed"].get("padding_fraction", 0.0),
-            "mfu": state["speed"].get("mfu", 0.0),
+            "train_samples_per_s": speed["samples_per_s"],
+            "train_tokens_per_s": speed["tokens_per_s"],
+            "padding_fraction": speed["padding_fraction"],
+            "mfu": speed["mfu"], "peak_flops": peak,
             "config": config.to_dict(cfg),
         }
         _write_json(os.path.join(cfg.output_dir, "results.json"), results)
+        final_metrics = {k: v for k, v in (final or {}).items() if k not in ("epoch", "step")}
+        if state["best"]:
+            final_metrics[f"best_{cfg.metric_for_best}"] = state["best"][cfg.metric_for_best]
+        writer.hparams({**config.to_dict(cfg), "world_size": world, "precision_used": precision,
+                        "num_labels": len(labels)}, final_metrics, state["step"])
         writer.close()
         log.info("done: best %s %.4f at step %s; outputs in %s", cfg.metric_for_best,
                  state["best"][cfg.metric_for_best], state["best_step"], cfg.output_dir)
     distributed.barrier()
-
-
-def _accumulate(total: dict, meter: reporting.Meter, world: int, flops_per_token: float, peak: float) -> dict:
-    """Whole-run speed: sums of time, samples and tokens across log intervals (rank 0's view x world)."""
-    dt = time.perf_counter() - meter.t0
-    t = {k: total.get(k, 0) for k in ("seconds", "samples", "real", "padded")}
-    t["seconds"] += dt
-    t["samples"] += meter.samples * world
-    t["real"] += meter.real * world
-    t["padded"] += meter.padded * world
-    seconds = max(t["seconds"], 1e-9)
-    tokens_per_s = t["real"] / seconds
-    return {**t, "samples_per_s": t["samples"] / seconds, "tokens_per_s": tokens_per_s,
-            "padding_fraction": 1 - t["real"] / max(t["padded"], 1),
-            "mfu": tokens_per_s * flops_per_token / peak if peak else 0.0}
 
 
 def _warn_if_changed(saved: dict, current: dict, saved_world: int, world: int):

@@ -9,6 +9,8 @@ import sys
 import pandas as pd
 import pytest
 
+# tiny models run fastest on one thread; more only fight over a small shared machine's cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSITIVE = ["good", "great", "fine", "superb"]
 NEGATIVE = ["bad", "awful", "boring", "dull"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, env, python_m, torchrun, train_args
+from conftest import ROOT, env, python_m, train_args
 
 STEPS = 120
 

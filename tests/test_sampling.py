@@ -93,3 +93,16 @@ def test_padding_under_5_percent_on_rotten_tomatoes():
         b = lengths[order[i:i + 32]]
         real, padded = real + b.sum(), padded + b.max() * len(b)
     assert 1 - real / padded < 0.05
+
+
+def test_token_cache_round_trips_and_keys_on_inputs(tiny_model, tmp_path):
+    from bert_finetune import data, modeling
+    tok = modeling.load_tokenizer(tiny_model)
+    texts = ["the good movie", "a bad plot indeed", ""]
+    first = data.tokenize_cached(tok, texts, 32, str(tmp_path))
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    again = data.tokenize_cached(tok, texts, 32, str(tmp_path))
+    assert [x.tolist() for x in again] == [x.tolist() for x in first] == [x.tolist() for x in data.tokenize(tok, texts, 32)]
+    data.tokenize_cached(tok, texts, 4, str(tmp_path))  # another max length: another entry
+    data.tokenize_cached(tok, texts[:2], 32, str(tmp_path))  # other texts: another entry
+    assert len(list(tmp_path.glob("*.npz"))) == 3, sorted(p.name for p in tmp_path.iterdir())
