@@ -25,6 +25,9 @@ class Config:
     eval_split: float = 0.2
     limit: int = 0  # use only the first N rows of each file (0 = all)
     max_length: int = 128
+    truncation: str = "head"  # which tokens of a longer text to keep: head, tail, head_tail
+    head_tokens: int = 0  # head_tail: tokens kept from the start (0 = a quarter of the budget)
+    text_pair_column: str = ""  # a second text per row, tokenized with the first as a BERT sentence pair
     strict: bool = False  # rows with empty text are an error instead of being skipped
     trust_remote_code: bool = False
     cache_dir: str = "~/.cache/bert_finetune/tokens"  # token ids of earlier runs ("" = no cache)
@@ -37,6 +40,8 @@ class Config:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0 = no clipping
+    layer_lr_decay: float = 1.0  # head at lr, encoder layer i from the top at lr * X**i, embeddings lowest
+    class_weights: str = "none"  # balanced: loss weights n / (classes * count), from the training labels
     max_steps: int = 0  # cap on optimizer steps, for smoke runs (0 = no cap)
     precision: str = "auto"  # auto = bf16 on CUDA where supported, else fp32
     sampler: str = "length"  # length: length-grouped batches; random: plain DistributedSampler
@@ -49,6 +54,8 @@ class Config:
     save_steps: int = 0  # also checkpoint every N optimizer steps (0 = only at each epoch's end)
     save_total_limit: int = 2
     metric_for_best: str = "accuracy"
+    eval_steps: int = 0  # also evaluate every N optimizer steps (0 = only at each epoch's end)
+    early_stopping_patience: int = 0  # stop after P evaluations without a better metric_for_best (0 = off)
     resume: str = ""  # "auto" = newest valid checkpoint in output_dir, or a checkpoint path
     # distributed
     dist_timeout: float = 300.0  # seconds a collective may wait for a missing rank
@@ -57,6 +64,8 @@ class Config:
 CHOICES = {
     "precision": ("auto", "fp32", "fp16", "bf16"),
     "sampler": ("length", "random"),
+    "truncation": ("head", "tail", "head_tail"),
+    "class_weights": ("none", "balanced"),
     "metric_for_best": (
         "accuracy", "loss",
         "weighted_precision", "weighted_recall", "weighted_f1",
@@ -64,7 +73,8 @@ CHOICES = {
     ),
 }
 POSITIVE = ("batch_size", "eval_batch_size", "grad_accum", "max_length", "epochs", "log_steps", "dist_timeout")
-NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_steps", "limit", "save_steps", "save_total_limit")
+NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_steps", "limit", "save_steps", "save_total_limit", "head_tokens",
+                "eval_steps", "early_stopping_patience")
 
 
 def flag(name: str) -> str:
@@ -88,6 +98,15 @@ def validate(cfg: Config) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"{flag(key)} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
+    if not 0 < cfg.layer_lr_decay <= 1:
+        raise UserError(f"--layer-lr-decay must be in (0, 1] (1 = off), got {cfg.layer_lr_decay}")
+    if cfg.head_tokens and cfg.truncation != "head_tail":
+        raise UserError(f"--head-tokens applies only with --truncation head_tail, got --truncation {cfg.truncation}")
+    if cfg.text_pair_column and cfg.truncation != "head":
+        raise UserError(f"--truncation {cfg.truncation} works on single texts; with --text-pair-column only "
+                        f"--truncation head (the longer text is cut first) is supported")
+    if cfg.text_pair_column and cfg.text_pair_column in (cfg.text_column, cfg.label_column):
+        raise UserError(f"--text-pair-column {cfg.text_pair_column} must differ from --text-column and --label-column")
     return cfg
 
 

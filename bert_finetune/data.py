@@ -55,8 +55,9 @@ def _first_bad_line(path: str) -> int:
 
 
 def read_table(path: str, text_column: str, label_column: str | None, limit: int = 0,
-               strict: bool = False) -> pd.DataFrame:
-    """Read a CSV into columns text, label (if label_column) and row (its line number in the file).
+               strict: bool = False, pair_column: str | None = None) -> pd.DataFrame:
+    """Read a CSV into columns text, pair (if pair_column), label (if label_column) and row (its line
+    number in the file).
 
     Every problem becomes one UserError naming the file, and the column or line where it is.
     """
@@ -77,20 +78,26 @@ def read_table(path: str, text_column: str, label_column: str | None, limit: int
     except OSError as e:
         raise UserError(f"{path}: cannot be read: {e.strerror}") from None
     columns = [str(c) for c in df.columns]
-    for column, what in ((text_column, "--text-column"), (label_column, "--label-column")):
+    for column, what in ((text_column, "--text-column"), (label_column, "--label-column"),
+                         (pair_column, "--text-pair-column")):
         if column is not None and column not in columns:
             raise UserError(f"{path}: no column '{column}' ({what}); the columns are: {', '.join(columns)}")
     if len(df) == 0:
         raise UserError(f"{path}: has a header but no rows")
     out = pd.DataFrame({"text": df[text_column].values, "row": np.arange(2, len(df) + 2)})
+    if pair_column is not None:
+        out["pair"] = df[pair_column].values
     if label_column is not None:
         out["label"] = df[label_column].str.strip().values
     blank = out["text"].str.strip() == ""
+    if pair_column is not None:
+        blank |= out["pair"].str.strip() == ""
     if label_column is not None:
         blank |= out["label"] == ""
     if blank.any():
         rows = out.loc[blank, "row"].tolist()
-        where = f"{len(rows)} row(s) with empty text or label in column '{text_column}'/'{label_column}', " \
+        columns = "/".join(f"'{c}'" for c in (text_column, pair_column, label_column) if c is not None)
+        where = f"{len(rows)} row(s) with empty text or label in column {columns}, " \
                 f"lines {', '.join(map(str, rows[:5]))}{' ...' if len(rows) > 5 else ''}"
         if strict:
             raise UserError(f"{path}: {where} (--strict)")
@@ -147,14 +154,78 @@ def split(table: pd.DataFrame, eval_fraction: float, seed: int, path: str):
     return train.reset_index(drop=True), held_out.reset_index(drop=True)
 
 
-def tokenize(tokenizer, texts, max_length: int, batch: int = 2048):
-    """Token ids per text, truncated to max_length, unpadded (padding happens per batch)."""
+def default_head_tokens(budget: int) -> int:
+    """A quarter of the budget, rounded: 128 of 510 as in Sun et al. 2019, 64 of 254."""
+    return int(budget / 4 + 0.5)
+
+
+def truncate(ids, budget: int, mode: str = "head", head_tokens: int = 0) -> np.ndarray:
+    """The tokens of one text (no special tokens) kept within `budget`: the first `budget` (head), the
+    last (tail), or the first head_tokens and the last budget - head_tokens (head_tail; 0 = a quarter)."""
+    ids = np.asarray(ids)
+    if len(ids) <= budget:
+        return ids
+    if mode == "head":
+        return ids[:budget]
+    if mode == "tail":
+        return ids[len(ids) - budget:]
+    head = min(head_tokens or default_head_tokens(budget), budget)
+    return np.concatenate([ids[:head], ids[len(ids) - (budget - head):]])
+
+
+def _truncate_inside(ids: np.ndarray, special: np.ndarray, max_length: int, mode: str, head_tokens: int):
+    """truncate() the text between the leading and trailing special tokens ([CLS] ... [SEP], <s> ... </s>)."""
+    if special.all():  # an empty text: special tokens only
+        return ids
+    lead, trail = int(np.argmin(special)), int(np.argmin(special[::-1]))
+    body = truncate(ids[lead:len(ids) - trail], max_length - lead - trail, mode, head_tokens)
+    return np.concatenate([ids[:lead], body, ids[len(ids) - trail:]])
+
+
+def tokenize(tokenizer, texts, max_length: int, truncation: str = "head", head_tokens: int = 0, batch: int = 2048):
+    """Token ids per text, at most max_length with the special tokens, unpadded (padding happens per batch).
+
+    head is the tokenizer's own truncation; tail and head_tail tokenize the whole text and cut it with truncate().
+    """
     ids = []
     for start in range(0, len(texts), batch):
-        enc = tokenizer(list(texts[start:start + batch]), truncation=True, max_length=max_length,
-                        return_attention_mask=False, return_token_type_ids=False)
-        ids.extend(np.asarray(x, dtype=np.int32) for x in enc["input_ids"])
+        chunk = list(texts[start:start + batch])
+        if truncation == "head":
+            enc = tokenizer(chunk, truncation=True, max_length=max_length,
+                            return_attention_mask=False, return_token_type_ids=False)
+            ids.extend(np.asarray(x, dtype=np.int32) for x in enc["input_ids"])
+            continue
+        enc = tokenizer(chunk, return_special_tokens_mask=True, return_attention_mask=False,
+                        return_token_type_ids=False)
+        ids.extend(_truncate_inside(np.asarray(x, dtype=np.int32), np.asarray(m, dtype=bool), max_length, truncation,
+                                    head_tokens) for x, m in zip(enc["input_ids"], enc["special_tokens_mask"]))
     return ids
+
+
+def uses_token_types(tokenizer) -> bool:
+    return "token_type_ids" in tokenizer.model_input_names
+
+
+def tokenize_pairs(tokenizer, texts, pairs, max_length: int, batch: int = 2048):
+    """(token ids, token type ids or None) per (text, pair), encoded as one sentence pair ([CLS] a [SEP] b [SEP]);
+    a pair longer than max_length loses tokens from the end of its longer text first. Type ids come only for
+    models that take them (BERT yes, RoBERTa no)."""
+    types = uses_token_types(tokenizer)
+    ids, type_ids = [], [] if types else None
+    for start in range(0, len(texts), batch):
+        enc = tokenizer(list(texts[start:start + batch]), list(pairs[start:start + batch]), truncation="longest_first",
+                        max_length=max_length, return_attention_mask=False, return_token_type_ids=types)
+        ids.extend(np.asarray(x, dtype=np.int32) for x in enc["input_ids"])
+        if types:
+            type_ids.extend(np.asarray(x, dtype=np.int8) for x in enc["token_type_ids"])
+    return ids, type_ids
+
+
+def encode_texts(tokenizer, texts, max_length: int, pairs=None, truncation: str = "head", head_tokens: int = 0):
+    """(token ids, token type ids or None), uncached: tokenize_pairs() when pairs are given, else tokenize()."""
+    if pairs is not None:
+        return tokenize_pairs(tokenizer, texts, pairs, max_length)
+    return tokenize(tokenizer, texts, max_length, truncation, head_tokens), None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -169,39 +240,71 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{type(tokenizer).__name__}|{spec}".encode()).hexdigest()
 
 
-def tokenize_cached(tokenizer, texts, max_length: int, cache_dir: str):
-    """tokenize(), cached on disk under a key of the texts, the tokenizer and the length limit, so a
-    rerun on the same data skips tokenization. cache_dir "" turns the cache off."""
+def tokenize_cached(tokenizer, texts, max_length: int, cache_dir: str, truncation: str = "head",
+                    head_tokens: int = 0):
+    """tokenize(), cached on disk under a key of the texts, the tokenizer, the length limit and the
+    truncation, so a rerun on the same data skips tokenization. cache_dir "" turns the cache off."""
+    setting = f"truncation={truncation}|" + (f"head_tokens={head_tokens}|" if truncation == "head_tail" else "")
+    key = f"{tokenizer_fingerprint(tokenizer)}|{max_length}|{setting}"
+    return _cached(cache_dir, key, texts, lambda: {"ids": tokenize(tokenizer, texts, max_length, truncation,
+                                                                  head_tokens)})["ids"]
+
+
+def tokenize_pairs_cached(tokenizer, texts, pairs, max_length: int, cache_dir: str):
+    """tokenize_pairs(), cached like tokenize_cached()."""
+    key = f"{tokenizer_fingerprint(tokenizer)}|{max_length}|pairs|types={uses_token_types(tokenizer)}|"
+    both = [t for text_and_pair in zip(texts, pairs) for t in text_and_pair]
+
+    def compute():
+        ids, types = tokenize_pairs(tokenizer, texts, pairs, max_length)
+        return {"ids": ids} if types is None else {"ids": ids, "types": types}
+    found = _cached(cache_dir, key, both, compute)
+    return found["ids"], found.get("types")
+
+
+def _cached(cache_dir: str, key: str, strings, compute) -> dict:
+    """compute() -> {name: one array per example, equally long across names}, stored under a hash of key and
+    strings in one .npz (flat arrays and shared offsets)."""
     if not cache_dir:
-        return tokenize(tokenizer, texts, max_length)
-    h = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}|{max_length}|truncation=head|".encode())
-    for t in texts:
+        return compute()
+    h = hashlib.sha256(key.encode())
+    for t in strings:
         h.update(t.encode("utf-8", "surrogatepass") + b"\0")
     path = os.path.join(os.path.expanduser(cache_dir), f"{h.hexdigest()[:32]}.npz")
     try:
         with np.load(path) as f:
-            flat, offsets = f["ids"], f["offsets"]
-        return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+            offsets = f["offsets"]
+            flat = {name: f[name] for name in f.files if name != "offsets"}
+        return {name: [a[i:j] for i, j in zip(offsets[:-1], offsets[1:])] for name, a in flat.items()}
     except (OSError, KeyError, ValueError):
         pass  # not cached yet (or a damaged file): tokenize and write it anew
-    ids = tokenize(tokenizer, texts, max_length)
+    found = compute()
+    ids = found["ids"]
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum([len(x) for x in ids], out=offsets[1:])
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, ids=np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets=offsets)
+        flat = {name: np.concatenate(v) if v else np.zeros(0, np.int32) for name, v in found.items()}
+        np.savez(tmp, offsets=offsets, **flat)
         os.replace(tmp, path)  # ranks may race to write the same entry: each rename is whole
     except OSError as e:
         log.warning("token cache %s not written: %s", cache_dir, e.strerror)
-    return ids
+    return found
+
+
+def balanced_class_weights(labels, num_classes: int) -> np.ndarray:
+    """scikit-learn's compute_class_weight("balanced"): n_samples / (n_classes * count of each class)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    return len(labels) / (num_classes * counts.astype(np.float64))
 
 
 class EncodedDataset(Dataset):
-    """Pre-tokenized examples; item i is {input_ids, labels}."""
+    """Pre-tokenized examples; item i is {input_ids, labels, index} (and token_type_ids for sentence pairs)."""
 
-    def __init__(self, input_ids, labels, texts=None):
+    def __init__(self, input_ids, labels, texts=None, token_type_ids=None):
         self.input_ids = input_ids
+        self.token_type_ids = token_type_ids
         self.labels = np.asarray(labels, dtype=np.int64)
         self.texts = texts
         self.lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
@@ -210,7 +313,10 @@ class EncodedDataset(Dataset):
         return len(self.input_ids)
 
     def __getitem__(self, i):
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "index": i}
+        item = {"input_ids": self.input_ids[i], "labels": self.labels[i], "index": i}
+        if self.token_type_ids is not None:
+            item["token_type_ids"] = self.token_type_ids[i]
+        return item
 
 
 @dataclass
@@ -224,13 +330,17 @@ class Collator:
         width = -(-longest // self.multiple) * self.multiple
         input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
+        pairs = "token_type_ids" in items[0]
+        types = torch.zeros((len(items), width), dtype=torch.long) if pairs else None
         for row, item in enumerate(items):
             n = len(item["input_ids"])
             input_ids[row, :n] = torch.from_numpy(item["input_ids"])
             mask[row, :n] = 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": mask,
-            "labels": torch.tensor([x["labels"] for x in items], dtype=torch.long),
-            "index": torch.tensor([x["index"] for x in items], dtype=torch.long),
-        }
+            if pairs:
+                types[row, :n] = torch.from_numpy(item["token_type_ids"].astype(np.int64))
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if pairs:
+            batch["token_type_ids"] = types
+        batch["labels"] = torch.tensor([x["labels"] for x in items], dtype=torch.long)
+        batch["index"] = torch.tensor([x["index"] for x in items], dtype=torch.long)
+        return batch

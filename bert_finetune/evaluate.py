@@ -112,6 +112,8 @@ def main(argv=None):
     parser.add_argument("--data", required=True, help="a CSV file with a text and a label column")
     parser.add_argument("--text-column", help="default: the one the model was trained with, else 'review'")
     parser.add_argument("--label-column", help="default: the one the model was trained with, else 'label'")
+    parser.add_argument("--text-pair-column", help="the second text of a sentence pair; default: the one the model "
+                                                   "was trained with, if any")
     parser.add_argument("--output-dir", help="where eval_results.json and confusion_matrix.png go "
                                              "(default: eval-NAME in the current folder, NAME = the data file's name)")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
@@ -135,12 +137,13 @@ def main(argv=None):
             saved = json.load(f)
     text_column = args.text_column or saved.get("text_column") or "review"
     label_column = args.label_column or saved.get("label_column") or "label"
+    pair_column = args.text_pair_column or saved.get("text_pair_column") or None
     limit = modeling.max_positions(model.config)
     max_length = args.max_length or saved.get("max_length") or min(limit or 512, 512)
     if limit and max_length > limit:
         raise UserError(f"--max-length {max_length} is above the model's position limit ({limit})")
     labels = data.LabelMap.from_config(model.config)
-    table = data.read_table(args.data, text_column, label_column, args.limit)
+    table = data.read_table(args.data, text_column, label_column, args.limit, pair_column=pair_column)
     unknown = sorted(set(table["label"]) - set(labels.ids))
     if unknown:
         first = table.loc[~table["label"].isin(labels.ids), "row"].iloc[0]
@@ -155,16 +158,20 @@ def main(argv=None):
             raise UserError(f"--output-dir {output_dir}: cannot be created: {e.strerror}") from None
         if not os.access(output_dir, os.W_OK | os.X_OK):
             raise UserError(f"--output-dir {output_dir}: not writable")
-    dataset = data.EncodedDataset(data.tokenize(tokenizer, table["text"].tolist(), max_length),
-                                  labels.encode(table, args.data), table["text"].tolist())
+    # the truncation the model was trained with
+    truncation, head_tokens = saved.get("truncation") or "head", saved.get("head_tokens") or 0
+    ids, types = data.encode_texts(tokenizer, table["text"].tolist(), max_length,
+                                   table["pair"].tolist() if pair_column else None, truncation, head_tokens)
+    dataset = data.EncodedDataset(ids, labels.encode(table, args.data), table["text"].tolist(), types)
 
     dist = distributed.setup(args.dist_timeout)
     try:
         model.to(dist.device)
         collate = Collator(tokenizer.pad_token_id or 0, multiple=8 if dist.device.type == "cuda" else 1)
         loader = eval_loader(dataset, args.batch_size, dist, collate)
-        log.info("evaluating %s on %d examples of %s (max length %d) on %s x %d", args.model, len(dataset), args.data,
-                 max_length, dist.device.type, dist.world_size)
+        log.info("evaluating %s on %d examples of %s (max length %d, truncation %s%s) on %s x %d", args.model,
+                 len(dataset), args.data, max_length, truncation, f", pairs with column {pair_column}" if pair_column
+                 else "", dist.device.type, dist.world_size)
         result = evaluate(model, loader, len(labels), dist.device)
         if dist.is_main:
             names, cm, m = labels.names, result.confusion, result.metrics
@@ -172,6 +179,7 @@ def main(argv=None):
             per_class = {n: {"precision": float(c["precision"][i]), "recall": float(c["recall"][i]),
                              "f1": float(c["f1"][i]), "support": int(c["support"][i])} for i, n in enumerate(names)}
             summary = {"model": args.model, "data": args.data, "examples": int(cm.sum()), "max_length": max_length,
+                       "truncation": truncation, "text_pair_column": pair_column,
                        "labels": names, "metrics": m, "per_class": per_class, "confusion_matrix": cm.tolist()}
             json_path = os.path.join(output_dir, "eval_results.json")
             png_path = os.path.join(output_dir, "confusion_matrix.png")

@@ -1,5 +1,12 @@
-"""Parameter groups, AdamW and the linear warmup/decay schedule."""
+"""Parameter groups (no-decay, layer-wise learning rates), AdamW and the linear warmup/decay schedule."""
+import re
+
 import torch
+
+from .errors import UserError
+
+# encoder layer i: bert.encoder.layer.i., distilbert.transformer.layer.i., model.layers.i. (ModernBERT)
+_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
@@ -7,18 +14,64 @@ def is_no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "LayerNorm" in name or "layer_norm" in name
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if is_no_decay(name, param) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+def count_layers(names) -> int:
+    """Encoder layers found in parameter names (highest index + 1; 0 when none)."""
+    found = [int(m.group(1)) for m in map(_LAYER.search, names) if m]
+    return max(found) + 1 if found else 0
 
 
-def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def layer_depth(name: str, num_layers: int) -> int:
+    """Levels below the head: 0 for the head (classifier, pooler), i for encoder layer i counted from the
+    top (1 = the top layer, num_layers = the bottom one), num_layers + 1 for the embeddings."""
+    m = _LAYER.search(name)
+    if m:
+        return num_layers - int(m.group(1))
+    return num_layers + 1 if "embeddings" in name else 0
+
+
+def layer_lr(lr: float, decay: float, depth: int) -> float:
+    """Layer-wise decreasing learning rate (Sun et al. 2019): lr * decay**depth."""
+    return lr * decay ** depth
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                 layer_decay: float = 1.0) -> list:
+    """decay / no_decay groups; with layer_decay < 1 one such pair per depth, each with its own lr, head first."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if layer_decay == 1.0:
+        decay = [p for n, p in named if not is_no_decay(n, p)]
+        no_decay = [p for n, p in named if is_no_decay(n, p)]
+        return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+                {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    layers = count_layers(n for n, _ in named)
+    if not layers:
+        raise UserError("--layer-lr-decay: no encoder layers found in the model's parameter names "
+                        "(expected names such as encoder.layer.0.); use --layer-lr-decay 1")
+    groups = []
+    for depth in range(layers + 2):
+        where = "head" if depth == 0 else "embeddings" if depth == layers + 1 else f"layer {layers - depth}"
+        for no_decay in (False, True):
+            params = [p for n, p in named if layer_depth(n, layers) == depth and is_no_decay(n, p) == no_decay]
+            if params:
+                groups.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+                               "lr": layer_lr(lr, layer_decay, depth),
+                               "name": f"{where} {'no_decay' if no_decay else 'decay'}"})
+    return groups
+
+
+def describe_lrs(groups) -> str:
+    """'head 1.00e-04, layer 5 9.50e-05, ...': one entry per distinct learning rate, in group order."""
+    if len({g["lr"] for g in groups}) == 1:
+        return f"all parameters {groups[0]['lr']:.2e}"
+    seen = {}
+    for g in groups:
+        seen.setdefault(g["name"].rsplit(" ", 1)[0], g["lr"])
+    return ", ".join(f"{name} {lr:.2e}" for name, lr in seen.items())
+
+
+def build_optimizer(model, lr: float, weight_decay: float, layer_decay: float = 1.0) -> torch.optim.Optimizer:
     # fused AdamW does the whole update in one kernel per dtype/device: measurably faster on CPU and CUDA
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, lr, layer_decay)
     try:
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError):  # a device or dtype fused does not cover

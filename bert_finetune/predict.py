@@ -5,7 +5,8 @@
 
 --input: a .csv file (the text in --text-column), a .jsonl file (one object per line, the text in
 --text-column, or one JSON string per line), any other file one example per line, or - for lines
-on standard input. Without --output each example prints as LABEL<tab>PROBABILITY<tab>TEXT; --output
+on standard input. A model trained on sentence pairs takes the second text from --text-pair (one per
+--text) or from --text-pair-column of a .csv or .jsonl input. Without --output each example prints as LABEL<tab>PROBABILITY<tab>TEXT; --output
 writes CSV or JSON Lines by its extension (- = JSON Lines on standard output) with the input's own
 fields followed by prediction, probability and the probability of every label. Output rows follow
 input rows one to one: an empty example gets an empty prediction.
@@ -30,7 +31,8 @@ DEFAULT_TEXT_COLUMN = "review"
 
 
 def saved_settings(path: str) -> dict:
-    """What training stored beside the weights (max_length, text_column, label_column); {} if nothing."""
+    """What training stored beside the weights (max_length, text_column, label_column, text_pair_column,
+    truncation, head_tokens); {} if nothing."""
     try:
         with open(os.path.join(path, "bert_finetune.json")) as f:
             return json.load(f)
@@ -55,20 +57,26 @@ class Predictor:
         if max_length and limit and max_length > limit:
             raise UserError(f"--max-length {max_length} is above the model's position limit ({limit})")
         self.max_length = max_length or self.saved.get("max_length") or min(limit or 512, 512)
+        # the truncation the model was trained with
+        self.truncation = self.saved.get("truncation") or "head"
+        self.head_tokens = self.saved.get("head_tokens") or 0
+        self.pair_column = self.saved.get("text_pair_column") or None
 
-    def encode(self, texts) -> tuple[list, np.ndarray]:
-        """(token ids per text, cut to max_length; whether each text was longer and got truncated)."""
-        ids = data.tokenize(self.tokenizer, texts, self.max_length)
+    def encode(self, texts, pairs=None) -> tuple[list, list | None, np.ndarray]:
+        """(token ids per text, cut to max_length; token type ids per text or None; whether each text was
+        longer and got truncated)."""
+        ids, types = data.encode_texts(self.tokenizer, texts, self.max_length, pairs, self.truncation, self.head_tokens)
         truncated = np.zeros(len(texts), dtype=bool)
         full = [i for i, x in enumerate(ids) if len(x) >= self.max_length]  # only these can have been cut
         if full:
-            lengths = self.tokenizer([texts[i] for i in full], return_attention_mask=False,
+            second = [pairs[i] for i in full] if pairs is not None else None
+            lengths = self.tokenizer([texts[i] for i in full], second, return_attention_mask=False,
                                      return_token_type_ids=False, return_length=True)["length"]
             truncated[full] = np.asarray(lengths) > self.max_length
-        return ids, truncated
+        return ids, types, truncated
 
     @torch.no_grad()
-    def scores(self, ids, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def scores(self, ids, batch_size: int = 64, progress: bool = False, types=None) -> np.ndarray:
         """Probabilities (len(ids) x labels) in input order; batches of similar length, padded per batch."""
         from tqdm.auto import tqdm
         collate = data.Collator(self.tokenizer.pad_token_id or 0, multiple=8 if self.device.type == "cuda" else 1)
@@ -78,15 +86,17 @@ class Predictor:
                   dynamic_ncols=True) as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                batch = collate([{"input_ids": ids[i], "labels": 0, "index": i} for i in chunk])
-                logits = self.model(input_ids=batch["input_ids"].to(self.device),
-                                    attention_mask=batch["attention_mask"].to(self.device)).logits
+                batch = collate([{"input_ids": ids[i], "labels": 0, "index": i,
+                                  **({"token_type_ids": types[i]} if types is not None else {})} for i in chunk])
+                inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("labels", "index")}
+                logits = self.model(**inputs).logits
                 out[chunk] = logits.float().softmax(-1).cpu().numpy()
                 bar.update(len(chunk))
         return out
 
-    def probabilities(self, texts, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        return self.scores(self.encode(texts)[0], batch_size, progress)
+    def probabilities(self, texts, batch_size: int = 64, progress: bool = False, pairs=None) -> np.ndarray:
+        ids, types, _ = self.encode(texts, pairs)
+        return self.scores(ids, batch_size, progress, types)
 
 
 # ---------------------------------------------------------------- input
@@ -97,6 +107,7 @@ class Inputs:
     lines: list  # where each example is in its source (line number, or --text position), for messages
     records: list | None  # the input's own fields per example (CSV, JSON Lines), kept in the output
     text_key: str  # the text's field name in the output
+    pairs: list | None = None  # the second text of each sentence pair
 
 
 def _decoded_lines(stream, name: str):
@@ -129,9 +140,10 @@ def read_lines(path: str) -> Inputs:
     return Inputs([t for _, t in lines], [n for n, _ in lines], None, "text")
 
 
-def read_jsonl(path: str, text_column: str) -> Inputs:
-    """One JSON object per line with the text under `text_column`, or one JSON string per line."""
-    texts, numbers, records = [], [], []
+def read_jsonl(path: str, text_column: str, pair_column: str | None = None) -> Inputs:
+    """One JSON object per line with the text under `text_column` (and the pair's second text under
+    `pair_column`), or one JSON string per line."""
+    texts, numbers, records, pairs = [], [], [], []
     with _open_binary(path) as f:
         for number, line in _decoded_lines(f, path):
             if not line.strip():  # a blank line keeps its place as an empty example
@@ -145,17 +157,21 @@ def read_jsonl(path: str, text_column: str) -> Inputs:
                 obj = {text_column: obj}
             if not isinstance(obj, dict):
                 raise UserError(f"{path}: line {number}: expected an object or a string, got {type(obj).__name__}")
-            if obj and text_column not in obj:
-                raise UserError(f"{path}: line {number}: no field '{text_column}' (--text-column); "
-                                f"the fields are: {', '.join(map(str, obj))}")
+            for field, what in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
+                if obj and field is not None and field not in obj:
+                    raise UserError(f"{path}: line {number}: no field '{field}' ({what}); "
+                                    f"the fields are: {', '.join(map(str, obj))}")
             text = obj.get(text_column, "")
             texts.append("" if text is None else str(text))
+            if pair_column is not None:
+                pair = obj.get(pair_column, "")
+                pairs.append("" if pair is None else str(pair))
             numbers.append(number)
             records.append(obj)
-    return Inputs(texts, numbers, records, text_column)
+    return Inputs(texts, numbers, records, text_column, pairs if pair_column is not None else None)
 
 
-def read_csv(path: str, text_column: str) -> Inputs:
+def read_csv(path: str, text_column: str, pair_column: str | None = None) -> Inputs:
     if not os.path.exists(path):
         raise UserError(f"--input {path}: no such file")
     if os.path.isdir(path):
@@ -171,19 +187,24 @@ def read_csv(path: str, text_column: str) -> Inputs:
     except OSError as e:
         raise UserError(f"{path}: cannot be read: {e.strerror}") from None
     df.columns = [str(c) for c in df.columns]
-    if text_column not in df.columns:
-        raise UserError(f"{path}: no column '{text_column}' (--text-column); the columns are: {', '.join(df.columns)}")
-    return Inputs(df[text_column].tolist(), list(range(2, len(df) + 2)), df.to_dict("records"), text_column)
+    for column, what in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
+        if column is not None and column not in df.columns:
+            raise UserError(f"{path}: no column '{column}' ({what}); the columns are: {', '.join(df.columns)}")
+    return Inputs(df[text_column].tolist(), list(range(2, len(df) + 2)), df.to_dict("records"), text_column,
+                  df[pair_column].tolist() if pair_column is not None else None)
 
 
-def read_inputs(path: str, text_column: str) -> Inputs:
+def read_inputs(path: str, text_column: str, pair_column: str | None = None) -> Inputs:
     if path != "-" and not os.path.exists(path):
         raise UserError(f"--input {path}: no such file")
     extension = os.path.splitext(path)[1].lower()
     if extension == ".csv":
-        return read_csv(path, text_column)
+        return read_csv(path, text_column, pair_column)
     if extension in (".jsonl", ".ndjson"):
-        return read_jsonl(path, text_column)
+        return read_jsonl(path, text_column, pair_column)
+    if pair_column is not None:
+        raise UserError(f"--input {path}: sentence pairs (--text-pair-column {pair_column}) need a .csv or .jsonl "
+                        f"input with both texts")
     return read_lines(path)
 
 
@@ -195,6 +216,8 @@ def output_rows(inputs: Inputs, probs: np.ndarray, names, nested: bool) -> list:
     rows = []
     for i, text in enumerate(inputs.texts):
         row = dict(inputs.records[i]) if inputs.records is not None else {inputs.text_key: text}
+        if inputs.records is None and inputs.pairs is not None:
+            row["text_pair"] = inputs.pairs[i]
         p = probs[i]
         empty = np.isnan(p).any()
         best = None if empty else int(p.argmax())
@@ -268,6 +291,9 @@ def main(argv=None):
                                          "default: LABEL<tab>PROBABILITY<tab>TEXT lines on standard output")
     parser.add_argument("--text-column", help="the text's column (CSV) or field (JSON Lines); default: the one the "
                                               f"model was trained with, else '{DEFAULT_TEXT_COLUMN}'")
+    parser.add_argument("--text-pair", action="append", help="the second text of a sentence pair, one per --text")
+    parser.add_argument("--text-pair-column", help="the second text's column (CSV) or field (JSON Lines); default: "
+                                                   "the one the model was trained with, if any")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, help="default: the length the model was trained with")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
@@ -289,29 +315,40 @@ def main(argv=None):
         raise UserError(f"--device {args.device}: no CUDA GPU is available")
     kind = output_kind(args.output) if args.output else None
     # the input is read before the model loads: a wrong column or file fails at once
-    text_column = args.text_column or saved_settings(modeling.resolve(args.model)).get("text_column") \
-        or DEFAULT_TEXT_COLUMN
+    saved = saved_settings(modeling.resolve(args.model))
+    text_column = args.text_column or saved.get("text_column") or DEFAULT_TEXT_COLUMN
+    pair_column = args.text_pair_column or saved.get("text_pair_column") or None
     if args.text is not None:
-        inputs = Inputs(list(args.text), [f"#{i}" for i in range(1, len(args.text) + 1)], None, "text")
+        if args.text_pair is None and pair_column:
+            raise UserError(f"--model {args.model} was trained on sentence pairs (column '{pair_column}'): "
+                            f"give one --text-pair per --text")
+        if args.text_pair is not None and len(args.text_pair) != len(args.text):
+            raise UserError(f"{len(args.text)} --text but {len(args.text_pair)} --text-pair: give one pair per text")
+        inputs = Inputs(list(args.text), [f"#{i}" for i in range(1, len(args.text) + 1)], None, "text",
+                        list(args.text_pair) if args.text_pair is not None else None)
+    elif args.text_pair is not None:
+        raise UserError("--text-pair goes with --text; with --input name the column with --text-pair-column")
     else:
-        inputs = read_inputs(args.input, text_column)
+        inputs = read_inputs(args.input, text_column, pair_column)
     predictor = Predictor(args.model, device=device, max_length=args.max_length,
                           trust_remote_code=args.trust_remote_code)
     what = "--text" if args.text is not None else "line"
 
-    present = [i for i, t in enumerate(inputs.texts) if t.strip()]
-    empty = [i for i, t in enumerate(inputs.texts) if not t.strip()]
+    pairs = inputs.pairs if inputs.pairs is not None else ["x"] * len(inputs.texts)
+    present = [i for i, (t, q) in enumerate(zip(inputs.texts, pairs)) if t.strip() and q.strip()]
+    empty = sorted(set(range(len(inputs.texts))) - set(present))
     if empty:
         log.warning("%d empty example(s) (%s) get an empty prediction", len(empty), _where(inputs, empty, what))
     probs = np.full((len(inputs.texts), len(predictor.labels)), np.nan, dtype=np.float32)
     if present:
-        ids, truncated = predictor.encode([inputs.texts[i] for i in present])
+        ids, types, truncated = predictor.encode([inputs.texts[i] for i in present],
+                                                 [inputs.pairs[i] for i in present] if inputs.pairs is not None else None)
         cut = np.flatnonzero(truncated)
         if len(cut):
             log.warning("%d of %d example(s) are longer than %d tokens and were truncated (%s)", len(cut),
                         len(present), predictor.max_length, _where(inputs, [present[i] for i in cut], what))
         progress = len(present) > 8 * args.batch_size
-        probs[present] = predictor.scores(ids, args.batch_size, progress)
+        probs[present] = predictor.scores(ids, args.batch_size, progress, types)
 
     names = predictor.labels.names
     if args.output:
@@ -320,12 +357,13 @@ def main(argv=None):
             log.info("%d prediction(s) written to %s", len(inputs.texts), args.output)
         return
     out = []
-    for text, p in zip(inputs.texts, probs):
+    for i, (text, p) in enumerate(zip(inputs.texts, probs)):
+        shown = _one_line(text) + (f"\t{_one_line(inputs.pairs[i])}" if inputs.pairs is not None else "")
         if np.isnan(p).any():
-            out.append(f"\t\t{_one_line(text)}")
+            out.append(f"\t\t{shown}")
         else:
             best = int(p.argmax())
-            out.append(f"{names[best]}\t{p[best]:.4f}\t{_one_line(text)}")
+            out.append(f"{names[best]}\t{p[best]:.4f}\t{shown}")
     sys.stdout.write("".join(line + "\n" for line in out))
     sys.stdout.flush()
 

@@ -20,6 +20,7 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -33,16 +34,21 @@ log = logging.getLogger("bert_finetune")
 # settings that change the trajectory: a resume under different values is not the same run
 TRAJECTORY_KEYS = ("model", "train_file", "eval_file", "eval_split", "limit", "max_length", "epochs", "batch_size",
                    "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "max_steps", "precision",
-                   "sampler", "seed")
+                   "sampler", "seed", "truncation", "head_tokens", "text_pair_column", "class_weights",
+                   "layer_lr_decay", "eval_steps", "early_stopping_patience")
 
 
 # ---------------------------------------------------------------- data
 
 def load_tables(cfg: config.Config):
     """(train table, held-out table, label map, where each came from)."""
+    pair_column = cfg.text_pair_column or None
     if cfg.train_file:
-        table = data.read_table(cfg.train_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict)
+        table = data.read_table(cfg.train_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict, pair_column)
         source = cfg.train_file
+    elif pair_column:
+        raise UserError(f"--text-pair-column {pair_column}: the embedded default data has no second text; "
+                        f"pass a --train-file with that column")
     else:
         table, source = data.embedded_table(), data.EMBEDDED
         table = table.iloc[:cfg.limit] if cfg.limit else table
@@ -51,16 +57,35 @@ def load_tables(cfg: config.Config):
         raise UserError(f"{source}: column '{cfg.label_column}' holds a single class ({labels.names[0]}); "
                         f"classification needs at least two")
     if cfg.eval_file:
-        held_out = data.read_table(cfg.eval_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict)
+        held_out = data.read_table(cfg.eval_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict,
+                                   pair_column)
         labels.encode(held_out, cfg.eval_file)  # fails on labels the training file never had
         return table, held_out, labels, (source, cfg.eval_file)
     train, held_out = data.split(table, cfg.eval_split, cfg.seed, source)
     return train, held_out, labels, (source, source)
 
 
+def head_tokens(cfg: config.Config, tokenizer) -> int:
+    """--head-tokens resolved (0 = a quarter of the budget); 0 unless --truncation head_tail."""
+    if cfg.truncation != "head_tail":
+        return 0
+    budget = cfg.max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    k = cfg.head_tokens or data.default_head_tokens(budget)
+    if not 0 < k < budget:
+        raise UserError(f"--head-tokens {k} leaves no room for head and tail: --max-length {cfg.max_length} keeps "
+                        f"{budget} tokens besides the special ones")
+    return k
+
+
 def encode(tokenizer, table, labels: data.LabelMap, source: str, cfg: config.Config) -> data.EncodedDataset:
-    ids = data.tokenize_cached(tokenizer, table["text"].tolist(), cfg.max_length, cfg.cache_dir)
-    return data.EncodedDataset(ids, labels.encode(table, source), table["text"].tolist())
+    texts, types = table["text"].tolist(), None
+    if cfg.text_pair_column:
+        ids, types = data.tokenize_pairs_cached(tokenizer, texts, table["pair"].tolist(), cfg.max_length,
+                                                cfg.cache_dir)
+    else:
+        ids = data.tokenize_cached(tokenizer, texts, cfg.max_length, cfg.cache_dir, cfg.truncation,
+                                   head_tokens(cfg, tokenizer))
+    return data.EncodedDataset(ids, labels.encode(table, source), texts, types)
 
 
 # ---------------------------------------------------------------- precision
@@ -180,6 +205,7 @@ def main(argv=None):
     limit = modeling.max_positions(model_config)
     if limit and cfg.max_length > limit:
         raise UserError(f"--max-length {cfg.max_length} is above the model's position limit ({limit})")
+    head_tokens(cfg, tokenizer)  # a --head-tokens that does not fit fails here, before anything is written
     train_table, eval_table, labels, (train_src, eval_src) = load_tables(cfg)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume_from = check_output_dir(cfg, restarted) if rank == 0 else None
@@ -234,14 +260,21 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    optimizer = optim.build_optimizer(raw_model, cfg.lr, cfg.weight_decay)
+    optimizer = optim.build_optimizer(raw_model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
     scheduler = optim.build_scheduler(optimizer, warmup_steps, total_steps)
+    log.info("learning rates: %s", optim.describe_lrs(optimizer.param_groups))
+    class_weights = None
+    if cfg.class_weights == "balanced":
+        class_weights = data.balanced_class_weights(train_set.labels, len(labels))
+        log.info("class weights (balanced): %s", ", ".join(f"{n} {w:.4f}" for n, w in zip(labels.names, class_weights)))
+    loss_weights = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_for(precision, device)
 
     # -- resume: weights before DDP wraps the model, then optimizer, schedule, scaler, position, RNG
     state = {"step": 0, "epoch": 0, "batches_done": 0, "best": None, "best_step": None, "epochs": [],
-             "train_seconds": 0.0, "speed": None}
+             "evals_without_improvement": 0, "stopped": None,
+             "loop_seconds": 0.0, "speed": None}
     seed_everything(cfg.seed + dist.rank)  # dropout differs across ranks
     if resume_from:
         weights, saved = checkpoint.load(resume_from)
@@ -268,7 +301,9 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
              model_name, sum(p.numel() for p in raw_model.parameters()) / 1e6, precision, device.type, world,
              total_steps, updates_per_epoch, warmup_steps, peak / 1e9)
 
-    export_info = {"max_length": cfg.max_length, "text_column": cfg.text_column, "label_column": cfg.label_column}
+    export_info = {"max_length": cfg.max_length, "text_column": cfg.text_column, "label_column": cfg.label_column,
+                   "text_pair_column": cfg.text_pair_column, "truncation": cfg.truncation,
+                   "head_tokens": head_tokens(cfg, tokenizer)}
 
     def save_checkpoint():
         rngs = distributed.gather(rng_state())
@@ -294,10 +329,23 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
         # pictures on rank 0; each rank holds only its shard's predictions
         shares = distributed.gather((result.indices, result.labels, result.probs))
         visuals.log_evaluation(writer, state["step"], result.confusion, labels.names, shares, eval_set.texts)
-        if metrics.better(cfg.metric_for_best, m[cfg.metric_for_best], state["best"] and state["best"][cfg.metric_for_best]):
+        improved = metrics.better(cfg.metric_for_best, m[cfg.metric_for_best],
+                                  state["best"] and state["best"][cfg.metric_for_best])
+        waited = 0 if improved else state["evals_without_improvement"] + 1
+        # rank 0 decides and every rank follows it, so that all ranks stop at the same step
+        improved, waited = distributed.broadcast((improved, waited))
+        state["evals_without_improvement"] = waited
+        if improved:
             state["best"], state["best_step"] = record, state["step"]
             if is_main:
                 checkpoint.export(raw_model, tokenizer, os.path.join(cfg.output_dir, "best"), export_info)
+        elif cfg.early_stopping_patience and waited >= cfg.early_stopping_patience:
+            state["stopped"] = {
+                "step": state["step"], "reason": "early_stopping",
+                "message": f"early stopping: {cfg.metric_for_best} has not improved for {waited} evaluations "
+                           f"(--early-stopping-patience {cfg.early_stopping_patience}); best "
+                           f"{state['best'][cfg.metric_for_best]:.4f} at step {state['best_step']}"}
+            log.info("%s", state["stopped"]["message"])
         distributed.barrier()
         return record
 
@@ -310,10 +358,10 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
     bar = reporting.progress(total_steps, state["step"], is_main)
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
-    final = state["epochs"][-1] if state["epochs"] and state["step"] >= total_steps else None
-    t_start = time.perf_counter() - state["train_seconds"]
+    final = state["epochs"][-1] if state["epochs"] and (state["step"] >= total_steps or state["stopped"]) else None
+    t_start = time.perf_counter() - state["loop_seconds"]
     for epoch in range(state["epoch"], cfg.epochs):
-        if state["step"] >= total_steps:
+        if state["step"] >= total_steps or state["stopped"]:
             break
         sampler.set_epoch(epoch)
         first_batch = state["batches_done"] if epoch == state["epoch"] else 0
@@ -325,11 +373,14 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
             is_update = batch_idx + 1 == group_start + group_size
             meter.add(batch)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "index"}
+            targets = batch.pop("labels")
             # between updates, skip DDP's gradient all-reduce: the last micro-step syncs them all
             sync = nullcontext() if is_update or world == 1 else model.no_sync()
             with sync:
                 with autocast():
-                    loss = model(**batch).loss / group_size
+                    logits = model(**batch).logits
+                # our own loss, not the model's: it takes the class weights
+                loss = F.cross_entropy(logits.float(), targets, weight=loss_weights) / group_size
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
             if not is_update:
@@ -362,8 +413,9 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
             epoch_done = state["batches_done"] == batches_per_epoch
             if epoch_done:
                 state["epoch"], state["batches_done"] = epoch + 1, 0
-            state["train_seconds"] = time.perf_counter() - t_start
-            evaluating = state["step"] >= total_steps or epoch_done
+            state["loop_seconds"] = time.perf_counter() - t_start
+            evaluating = state["step"] >= total_steps or epoch_done or bool(
+                cfg.eval_steps and state["step"] % cfg.eval_steps == 0)
             saving = evaluating or stopping or (cfg.save_steps and state["step"] % cfg.save_steps == 0)
             if saving:  # evaluation and checkpoints are not training time
                 meter.lap(distributed.all_reduce_sum(np.array(meter.counts()), device))
@@ -380,9 +432,14 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
                             name, state["step"])
                 writer.close()
                 sys.exit(128 + (stop.signum or signal.SIGTERM))
-            if state["step"] >= total_steps:
+            if state["step"] >= total_steps or state["stopped"]:
                 break
     bar.close()
+    if state["stopped"] is None:
+        planned = cfg.epochs * updates_per_epoch
+        state["stopped"] = {"step": state["step"], "reason": "max_steps" if total_steps < planned else "epochs",
+                            "message": f"--max-steps {cfg.max_steps} reached" if total_steps < planned
+                            else f"all {cfg.epochs} epochs done"}
     speed = meter.overall()
 
     # -- outputs: last/ is the weights `final` measured; best/ was written when it was best
@@ -391,8 +448,10 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
         results = {
             "best": state["best"], "final": final, "epochs": state["epochs"],
             "best_step": state["best_step"], "steps": state["step"], "world_size": world,
-            "precision": precision, "labels": labels.names,
-            "train_seconds": state["train_seconds"],
+            "precision": precision, "labels": labels.names, "stopped": state["stopped"],
+            "class_weights": dict(zip(labels.names, class_weights.tolist())) if class_weights is not None else None,
+            "train_seconds": meter.totals["seconds"],  # the training steps alone
+            "loop_seconds": state["loop_seconds"],  # with evaluations and checkpoints
             "train_samples_per_s": speed["samples_per_s"],
             "train_tokens_per_s": speed["tokens_per_s"],
             "padding_fraction": speed["padding_fraction"],
