@@ -60,12 +60,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None =
 
 
 def describe_lrs(groups) -> str:
-    """'head 1.00e-04, layer 5 9.50e-05, ...': one entry per distinct learning rate, in group order."""
-    if len({g["lr"] for g in groups}) == 1:
-        return f"all parameters {groups[0]['lr']:.2e}"
+    """'head 1.00e-04, layer 5 9.50e-05, ...': each group's peak learning rate (before the schedule scales
+    it), one entry per decay/no_decay pair, in group order."""
+    peaks = [g.get("initial_lr", g["lr"]) for g in groups]
+    if len(set(peaks)) == 1:
+        return f"all parameters {peaks[0]:.2e}"
     seen = {}
-    for g in groups:
-        seen.setdefault(g["name"].rsplit(" ", 1)[0], g["lr"])
+    for g, peak in zip(groups, peaks):
+        seen.setdefault(g["name"].rsplit(" ", 1)[0], peak)
     return ", ".join(f"{name} {lr:.2e}" for name, lr in seen.items())
 
 

@@ -6,8 +6,8 @@
 --input: a .csv file (the text in --text-column), a .jsonl file (one object per line, the text in
 --text-column, or one JSON string per line), any other file one example per line, or - for lines
 on standard input. A model trained on sentence pairs takes the second text from --text-pair (one per
---text) or from --text-pair-column of a .csv or .jsonl input. Without --output each example prints as LABEL<tab>PROBABILITY<tab>TEXT; --output
-writes CSV or JSON Lines by its extension (- = JSON Lines on standard output) with the input's own
+--text) or from --text-pair-column of a .csv or .jsonl input. Without --output each example prints as
+LABEL<tab>PROBABILITY<tab>TEXT (<tab>PAIR); --output writes CSV or JSON Lines by its extension (- = JSON Lines on standard output) with the input's own
 fields followed by prediction, probability and the probability of every label. Output rows follow
 input rows one to one: an empty example gets an empty prediction.
 """
@@ -65,6 +65,9 @@ class Predictor:
     def encode(self, texts, pairs=None) -> tuple[list, list | None, np.ndarray]:
         """(token ids per text, cut to max_length; token type ids per text or None; whether each text was
         longer and got truncated)."""
+        if pairs is None and self.pair_column:
+            raise UserError(f"the model was trained on sentence pairs (column '{self.pair_column}'): "
+                            f"give the second texts too")
         ids, types = data.encode_texts(self.tokenizer, texts, self.max_length, pairs, self.truncation, self.head_tokens)
         truncated = np.zeros(len(texts), dtype=bool)
         full = [i for i, x in enumerate(ids) if len(x) >= self.max_length]  # only these can have been cut
@@ -334,15 +337,16 @@ def main(argv=None):
                           trust_remote_code=args.trust_remote_code)
     what = "--text" if args.text is not None else "line"
 
-    pairs = inputs.pairs if inputs.pairs is not None else ["x"] * len(inputs.texts)
-    present = [i for i, (t, q) in enumerate(zip(inputs.texts, pairs)) if t.strip() and q.strip()]
-    empty = sorted(set(range(len(inputs.texts))) - set(present))
+    def filled(i):  # a sentence pair needs both texts
+        return bool(inputs.texts[i].strip()) and (inputs.pairs is None or bool(inputs.pairs[i].strip()))
+    present = [i for i in range(len(inputs.texts)) if filled(i)]
+    empty = [i for i in range(len(inputs.texts)) if not filled(i)]
     if empty:
         log.warning("%d empty example(s) (%s) get an empty prediction", len(empty), _where(inputs, empty, what))
     probs = np.full((len(inputs.texts), len(predictor.labels)), np.nan, dtype=np.float32)
     if present:
-        ids, types, truncated = predictor.encode([inputs.texts[i] for i in present],
-                                                 [inputs.pairs[i] for i in present] if inputs.pairs is not None else None)
+        pairs = [inputs.pairs[i] for i in present] if inputs.pairs is not None else None
+        ids, types, truncated = predictor.encode([inputs.texts[i] for i in present], pairs)
         cut = np.flatnonzero(truncated)
         if len(cut):
             log.warning("%d of %d example(s) are longer than %d tokens and were truncated (%s)", len(cut),
