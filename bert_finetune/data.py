@@ -54,6 +54,22 @@ def _first_bad_line(path: str) -> int:
     return 0
 
 
+def load_csv(path: str, expected_header: str, limit: int = 0) -> pd.DataFrame:
+    """pandas.read_csv with every failure turned into one UserError naming the file (and line)."""
+    try:
+        # utf-8-sig: a leading byte-order mark (Excel's habit) is dropped, not glued to the first header
+        return pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False,
+                           nrows=limit or None, quoting=csv.QUOTE_MINIMAL)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: line {_first_bad_line(path)} is not valid UTF-8 text (save the file as UTF-8)") from None
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: the file is empty (expected a header line such as {expected_header})") from None
+    except pd.errors.ParserError as e:
+        raise UserError(f"{path}: not a valid CSV: {str(e).strip().splitlines()[-1]}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read: {e.strerror}") from None
+
+
 def read_table(path: str, text_column: str, label_column: str | None, limit: int = 0,
                strict: bool = False, pair_column: str | None = None) -> pd.DataFrame:
     """Read a CSV into columns text, pair (if pair_column), label (if label_column) and row (its line
@@ -65,18 +81,7 @@ def read_table(path: str, text_column: str, label_column: str | None, limit: int
         raise UserError(f"{path}: no such file")
     if os.path.isdir(path):
         raise UserError(f"{path}: is a folder, not a CSV file")
-    try:
-        # utf-8-sig: a leading byte-order mark (Excel's habit) is dropped, not glued to the first header
-        df = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False,
-                         nrows=limit or None, quoting=csv.QUOTE_MINIMAL)
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: line {_first_bad_line(path)} is not valid UTF-8 text (save the file as UTF-8)") from None
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{path}: the file is empty (expected a header line such as '{label_column},{text_column}')") from None
-    except pd.errors.ParserError as e:
-        raise UserError(f"{path}: not a valid CSV: {str(e).strip().splitlines()[-1]}") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot be read: {e.strerror}") from None
+    df = load_csv(path, f"'{label_column},{text_column}'", limit)
     columns = [str(c) for c in df.columns]
     for column, what in ((text_column, "--text-column"), (label_column, "--label-column"),
                          (pair_column, "--text-pair-column")):

@@ -179,16 +179,7 @@ def read_csv(path: str, text_column: str, pair_column: str | None = None) -> Inp
         raise UserError(f"--input {path}: no such file")
     if os.path.isdir(path):
         raise UserError(f"--input {path}: is a folder, not a file")
-    try:
-        df = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not valid UTF-8 text (save the file as UTF-8)") from None
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{path}: the file is empty (expected a header line with a '{text_column}' column)") from None
-    except pd.errors.ParserError as e:
-        raise UserError(f"{path}: not a valid CSV: {str(e).strip().splitlines()[-1]}") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot be read: {e.strerror}") from None
+    df = data.load_csv(path, f"'{text_column}'")
     df.columns = [str(c) for c in df.columns]
     for column, what in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
         if column is not None and column not in df.columns:
