@@ -28,6 +28,16 @@ MANIFEST = "manifest.json"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
+def make_output_dir(path: str):
+    """Create the output folder, or say in one line why it cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output-dir {path}: cannot be created: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--output-dir {path}: not writable")
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from . import data, distributed, metrics, modeling, reporting, visuals
+from . import checkpoint, data, distributed, metrics, modeling, reporting, visuals
 from .config import _Parser
 from .data import Collator
 from .errors import UserError, cli
@@ -152,12 +152,7 @@ def main(argv=None):
                         f"the model knows: {', '.join(labels.names)}")
     output_dir = args.output_dir or f"eval-{os.path.splitext(os.path.basename(args.data))[0]}"
     if rank == 0:
-        try:
-            os.makedirs(output_dir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"--output-dir {output_dir}: cannot be created: {e.strerror}") from None
-        if not os.access(output_dir, os.W_OK | os.X_OK):
-            raise UserError(f"--output-dir {output_dir}: not writable")
+        checkpoint.make_output_dir(output_dir)
     # the truncation the model was trained with
     truncation, head_tokens = saved.get("truncation") or "head", saved.get("head_tokens") or 0
     ids, types = data.encode_texts(tokenizer, table["text"].tolist(), max_length,

@@ -170,12 +170,7 @@ class StopRequest:
 def check_output_dir(cfg: config.Config, restarted: bool) -> str | None:
     """Where to resume from (or None); refuses to start over an earlier run's checkpoints."""
     out = cfg.output_dir
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--output-dir {out}: cannot be created: {e.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"--output-dir {out}: not writable")
+    checkpoint.make_output_dir(out)
     spec = cfg.resume or ("auto" if restarted else "")
     if spec:
         path = checkpoint.find_resume(spec, out)
