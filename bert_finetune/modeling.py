@@ -1,6 +1,8 @@
 """Load a tokenizer and a sequence-classification model from a folder or a hub name, with clear errors."""
 import os
 
+import torch
+
 from .errors import UserError
 
 
@@ -48,3 +50,70 @@ def max_positions(config) -> int | None:
     n = getattr(config, "max_position_embeddings", None)
     # RoBERTa-style models reserve two positions for the padding offset
     return n - 2 if n and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else n
+
+
+class FastDropout(torch.nn.Module):
+    """nn.Dropout for CPU training, about 3x faster, same p to 1/65536.
+
+    torch's CPU dropout draws one 32-bit random number per element and spends more time in the RNG than
+    in the multiply (about 12% of a MiniLM training step). Here each 64-bit draw gives four 16-bit numbers,
+    and an element is dropped when its number falls below round(p * 65536): four times fewer draws, and
+    the same seed gives the same masks, so exact resume still holds.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.threshold = round(p * 65536) - 32768  # int16 values below this are dropped
+        self.scale = 1.0 / (1.0 - (self.threshold + 32768) / 65536) if p < 1 else 0.0
+        self.p = p  # read by models that pass dropout on (e.g. to attention)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == -32768:
+            return x
+        n = x.numel()
+        draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
+        keep = draws.view(torch.int16)[:n].view(x.shape) >= self.threshold
+        return x * keep.to(x.dtype).mul_(self.scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def _attention_with_fast_dropout(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                                 is_causal=None, **kwargs):
+    """transformers' SDPA attention, except that in CPU training the attention probabilities go through
+    FastDropout: SDPA's own dropout on CPU takes the slow math path with bernoulli_ anyway."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    causal = is_causal or getattr(module, "is_causal", False)
+    if not dropout or query.device.type != "cpu" or causal or key.shape[1] != query.shape[1]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    if attention_mask is not None:  # bool: True = attend; float: added to the scores
+        scores = scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
+            else scores + attention_mask
+    probs = FastDropout(dropout)(scores.softmax(-1))
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+FAST_DROPOUT_ATTENTION = "sdpa_fast_dropout"
+
+
+def use_fast_dropout(model: torch.nn.Module) -> int:
+    """For CPU training: every nn.Dropout becomes FastDropout and SDPA attention drops its probabilities with
+    it too. Returns how many modules were swapped. Weights and the saved config are unchanged."""
+    swapped = 0
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is torch.nn.Dropout:
+                setattr(parent, name, FastDropout(child.p))
+                swapped += 1
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) == "sdpa":
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        AttentionInterface.register(FAST_DROPOUT_ATTENTION, _attention_with_fast_dropout)
+        AttentionMaskInterface.register(FAST_DROPOUT_ATTENTION, sdpa_mask)
+        model.set_attn_implementation(FAST_DROPOUT_ATTENTION)
+    return swapped

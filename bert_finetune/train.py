@@ -246,6 +246,8 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
     model_config.id2label = dict(enumerate(labels.names))
     model_config.label2id = dict(labels.ids)
     model = modeling.load_classifier(model_name, model_config, cfg.trust_remote_code).to(device)
+    if device.type == "cpu" and not cfg.compile:  # torch.compile makes its own dropout kernels
+        modeling.use_fast_dropout(model)  # CPU dropout is bound by its RNG: see modeling.FastDropout
     raw_model = model
 
     # -- optimizer and schedule
