@@ -129,7 +129,9 @@ def train_flops_per_token(model) -> float:
     """6 x non-embedding parameters per real token: 2 for the forward matmuls, 4 for the backward.
 
     Attention's score/value matmuls (12 x layers x hidden x sequence length per token) are left
-    out, as are padding tokens: this is real-token ("useful work") MFU.
+    out, as are padding tokens: this is real-token ("useful work") MFU. It is the model's count, the
+    same for every way of training it: where training runs the last layer at the first token only
+    (modeling.train_last_layer_on_first_token), the hardware does about 1/layers fewer FLOPs than this.
     """
     embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
     return 6 * (sum(p.numel() for p in model.parameters()) - embedding)

@@ -248,6 +248,8 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
     model = modeling.load_classifier(model_name, model_config, cfg.trust_remote_code).to(device)
     if device.type == "cpu" and not cfg.compile:  # torch.compile makes its own dropout kernels
         modeling.use_fast_dropout(model)  # CPU dropout is bound by its RNG: see modeling.FastDropout
+    if modeling.train_last_layer_on_first_token(model):  # the head reads [CLS] alone: the same loss, less work
+        log.info("training computes the last layer at the first token only (the classifier reads nothing else)")
     raw_model = model
 
     # -- optimizer and schedule

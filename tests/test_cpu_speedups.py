@@ -1,5 +1,7 @@
-"""FastDropout (CPU training's dropout) drops at the rate asked, scales to keep the mean, is reproducible
-from the seed, and leaves the model's function unchanged where nothing is dropped."""
+"""The training speed-ups change nothing but speed. FastDropout (CPU training's dropout) drops at the rate
+asked, scales to keep the mean, is reproducible from the seed, and leaves the model's function unchanged
+where nothing is dropped; a last layer computed at the first token only gives the same logits and the
+same gradients."""
 import json
 import os
 
@@ -100,3 +102,45 @@ def test_exported_model_loads_without_this_package(tiny_model, make_csv, tmp_pat
         assert modeling.FAST_DROPOUT_ATTENTION not in json.dumps(json.load(f))
     model = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "best"))
     assert model.config._attn_implementation == "sdpa"
+
+
+def _pair(path, **kw):
+    """(reference, speed-up candidate): the same weights, dropout off so that outputs can be compared."""
+    from transformers import AutoModelForSequenceClassification
+    kw = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+    return (AutoModelForSequenceClassification.from_pretrained(path, **kw),
+            AutoModelForSequenceClassification.from_pretrained(path, **kw))
+
+
+def test_first_token_last_layer_gives_the_same_logits_and_gradients(tmp_path):
+    reference, model = _pair(build_tiny_model(str(tmp_path / "m"), num_labels=3))
+    modeling.use_fast_dropout(model)
+    assert modeling.train_last_layer_on_first_token(model)
+    ids, mask = _batch()
+    labels = torch.tensor([0, 2, 1])
+    for m in (reference, model):
+        m.train()
+        torch.nn.functional.cross_entropy(m(input_ids=ids, attention_mask=mask).logits, labels).backward()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids, attention_mask=mask).logits,
+                              reference(input_ids=ids, attention_mask=mask).logits, atol=1e-6)
+    largest = max(p.grad.abs().max() for p in reference.parameters())
+    for (name, want), got in zip(reference.named_parameters(), model.parameters()):
+        # float rounding differs (other matmul shapes); key biases have a true gradient of 0 (softmax ignores
+        # a shift shared by all keys), so theirs is rounding noise alone
+        assert torch.allclose(got.grad, want.grad, rtol=1e-4, atol=1e-5 * largest), name
+    # the shortcut is for training only: evaluation runs the last layer at every position
+    model.eval()
+    with torch.no_grad():
+        assert model.bert(input_ids=ids, attention_mask=mask).last_hidden_state.shape[1] == ids.shape[1]
+        model.train()
+        assert model.bert(input_ids=ids, attention_mask=mask).last_hidden_state.shape[1] == 1
+
+
+def test_first_token_last_layer_only_where_it_is_exact(tmp_path):
+    from transformers import AutoModelForTokenClassification
+    path = build_tiny_model(str(tmp_path / "m"))
+    _, eager = _pair(path, attn_implementation="eager")
+    assert not modeling.train_last_layer_on_first_token(eager)
+    # a token classifier reads every position
+    assert not modeling.train_last_layer_on_first_token(AutoModelForTokenClassification.from_pretrained(path))
