@@ -59,7 +59,8 @@ def _keep_freed_memory():
     By default a block above 32 MB is mmap-ed and given back to the OS when freed, so the embedding
     gradient (47 MB for MiniLM), allocated afresh at every step, page-faulted in again each time; small
     blocks were trimmed from the heap top likewise. Reusing them made a fixed-shape MiniLM step 7% faster
-    and an epoch 2-3%; the cost is that the process keeps its peak memory. Not glibc (macOS, musl): nothing to do.
+    and an epoch 2-3%; the cost is that the process keeps its peak memory. Not glibc (macOS, musl):
+    nothing to do.
     """
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     try:
