@@ -64,21 +64,30 @@ class FastDropout(torch.nn.Module):
 
     def __init__(self, p: float):
         super().__init__()
-        self.threshold = round(p * 65536) - 32768  # int16 values below this are dropped
-        kept = 1.0 - (self.threshold + 32768) / 65536
-        self.scale = 1.0 / kept if kept > 0 else 0.0
+        self.threshold, self.scale = dropout_threshold(p)
         self.p = p  # read by models that pass dropout on (e.g. to attention)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.threshold == -32768:
-            return x
-        n = x.numel()
-        draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
-        keep = draws.view(torch.int16)[:n].view(x.shape) >= self.threshold
-        return x * keep.to(x.dtype).mul_(self.scale)
+        return fast_dropout(x, self.threshold, self.scale) if self.training else x
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def dropout_threshold(p: float) -> tuple[int, float]:
+    """(int16 value below which an element is dropped, scale of the kept ones) for drop probability p."""
+    threshold = round(p * 65536) - 32768
+    kept = 1.0 - (threshold + 32768) / 65536
+    return threshold, 1.0 / kept if kept > 0 else 0.0
+
+
+def fast_dropout(x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
+    if threshold == -32768:  # nothing to drop
+        return x
+    n = x.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
+    keep = draws.view(torch.int16)[:n].view(x.shape) >= threshold
+    return x * keep.to(x.dtype).mul_(scale)
 
 
 def _attention_with_fast_dropout(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -95,7 +104,7 @@ def _attention_with_fast_dropout(module, query, key, value, attention_mask, drop
     if attention_mask is not None:  # bool: True = attend; float: added to the scores
         scores = scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
             else scores + attention_mask
-    probs = FastDropout(dropout)(scores.softmax(-1))
+    probs = fast_dropout(scores.softmax(-1), *dropout_threshold(dropout))
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import FILLER, NEGATIVE, POSITIVE, python_m, run_train, synthetic_rows, torchrun, train_args, write_csv
 
-from bert_finetune import config, data, modeling, optim
+from bert_finetune import data, modeling, optim
 from bert_finetune.errors import UserError
 
 
@@ -267,24 +267,6 @@ def test_early_stopping_resumes_bitwise_with_its_patience_counter(tiny_model, ma
 
 
 # ---------------------------------------------------------------- settings
-
-@pytest.mark.parametrize("argv,says", [
-    (["--truncation", "middle"], "--truncation"),
-    (["--head-tokens", "8"], "--head-tokens"),  # only with head_tail
-    (["--head-tokens", "-1"], "--head-tokens"),
-    (["--class-weights", "inverse"], "--class-weights"),
-    (["--layer-lr-decay", "0"], "--layer-lr-decay"),
-    (["--layer-lr-decay", "1.5"], "--layer-lr-decay"),
-    (["--eval-steps", "-2"], "--eval-steps"),
-    (["--early-stopping-patience", "-1"], "--early-stopping-patience"),
-    (["--text-pair-column", "h", "--truncation", "tail"], "--text-pair-column"),
-    (["--text-pair-column", "review"], "--text-pair-column"),
-])
-def test_bad_recipe_settings_name_the_flag(argv, says):
-    with pytest.raises(UserError, match=says) as e:
-        config.parse(argv)
-    assert "\n" not in str(e.value)
-
 
 def test_head_tokens_beyond_the_budget_is_one_line(tiny_model, make_csv, tmp_path):
     args = train_args(tiny_model, make_csv(n=40), tmp_path / "o", "--truncation", "head_tail", "--head-tokens", 30)
