@@ -356,7 +356,7 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
     model.train()
     meter = reporting.Meter(flops_per_token, peak, state["speed"])
     bar = reporting.progress(total_steps, state["step"], is_main)
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, norm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     loss_count = 0
     final = state["epochs"][-1] if state["epochs"] and (state["step"] >= total_steps or state["stopped"]) else None
     t_start = time.perf_counter() - state["loop_seconds"]
@@ -388,7 +388,7 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
 
             if cfg.max_grad_norm:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.max_grad_norm)
+                norm_sum += optim.clip_grad_norm(raw_model.parameters(), cfg.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -399,14 +399,18 @@ def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table,
             bar.update(1)
 
             if state["step"] % cfg.log_steps == 0 or state["step"] == total_steps:
-                totals = distributed.all_reduce_sum(np.array([loss_sum.item(), loss_count, *meter.counts()]), device)
-                speed = meter.lap(totals[2:])
-                logged = {"loss": totals[0] / max(totals[1], 1), "lr": scheduler.get_last_lr()[0], **speed}
+                totals = distributed.all_reduce_sum(
+                    np.array([loss_sum.item(), norm_sum.item(), loss_count, *meter.counts()]), device)
+                speed = meter.lap(totals[3:])
+                logged = {"loss": totals[0] / max(totals[2], 1), "lr": scheduler.get_last_lr()[0], **speed}
+                if cfg.max_grad_norm:  # the norm before clipping, mean over the interval's updates
+                    logged["grad_norm"] = totals[1] / max(totals[2], 1)
                 writer.scalars(logged, state["step"], "train/")
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}",
                                 samples_s=f"{speed['samples_per_s']:.1f}", pad=f"{speed['padding_fraction']:.1%}",
                                 mfu=f"{speed['mfu']:.2f}")
                 loss_sum.zero_()
+                norm_sum.zero_()
                 loss_count = 0
 
             stopping = distributed.any_rank(stop.signum is not None, device) if world > 1 else stop.signum is not None
