@@ -1,5 +1,6 @@
 """Load a tokenizer and a sequence-classification model from a folder or a hub name, with clear errors;
-and a faster dropout for training on CPU."""
+and two training speed-ups that leave the model's function as it was: a faster dropout on CPU, and a
+last layer computed at the first token only where the head reads nothing else."""
 import os
 
 import torch

@@ -9,8 +9,8 @@ on standard input. A model trained on sentence pairs takes the second text from 
 --text) or from --text-pair-column of a .csv or .jsonl input. Without --output each example prints as
 LABEL<tab>PROBABILITY<tab>TEXT (<tab>PAIR); --output writes CSV or JSON Lines by its extension
 (- = JSON Lines on standard output) with the input's own fields followed by prediction, probability
-and the probability of every label. Output rows follow
-input rows one to one: an empty example gets an empty prediction.
+and the probability of every label. Output rows follow input rows one to one: an empty example gets
+an empty prediction.
 """
 import json
 import logging

@@ -31,13 +31,13 @@ def test_fused_adamw_on_cpu():
     assert opt.defaults.get("fused") is True
 
 
-def _grads(seed: int, scale: float = 1.0):
+def _grads(seed: int):
     """Parameters of a model's shapes with gradients set: an embedding, matrices, a bias, a tensor whose
     size is not a multiple of the norm's row."""
     g = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((3000, 384), (384, 1536), (1536,), (7, 9999), (2, 384))]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g) * scale
+        p.grad = torch.randn(p.shape, generator=g)
     return params
 
 

@@ -64,7 +64,8 @@ def check_pictures(out, held_size: int):
         assert text == f"No misclassified examples among {held_size}."
 
     # the training scalars at every log step, the gradient norm before clipping among them
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/mfu"} <= set(acc.Tags()["scalars"])
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/mfu"} <= scalars
     assert all(0 < s.value < float("inf") for s in acc.Scalars("train/grad_norm"))
 
     # the settings and the final metrics in the HParams tab
