@@ -82,8 +82,12 @@ def _manifest(folder: str) -> dict:
             for name in (MODEL_FILE, STATE_FILE)}
 
 
+def path_for(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, f"{PREFIX}{step:06d}")
+
+
 def save(output_dir: str, step: int, model_state: dict, training_state: dict) -> str:
-    path = os.path.join(output_dir, f"{PREFIX}{step:06d}")
+    path = path_for(output_dir, step)
     with atomic_dir(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, os.path.join(tmp, MODEL_FILE))
         torch.save(training_state, os.path.join(tmp, STATE_FILE))
@@ -173,3 +177,13 @@ def export(model, tokenizer, path: str, extra: dict):
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "bert_finetune.json"), "w") as f:
             json.dump(extra, f, indent=1)
+
+
+def write_json(path: str, obj):
+    """A JSON file written under a temporary name, fsynced, then renamed over `path`."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

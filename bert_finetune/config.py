@@ -7,55 +7,60 @@ import argparse
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import yaml
 
-from .errors import UserError
+from .errors import ArgumentParser, UserError
+
+
+def trajectory(default):
+    """A field whose value changes what training computes: a resume under another value is not the same run."""
+    return field(default=default, metadata={"trajectory": True})
 
 
 @dataclass
 class Config:
     # model and data ("" = the embedded default: MiniLM-L6 and Rotten Tomatoes from PyPI packages)
-    model: str = ""
-    train_file: str = ""
-    eval_file: str = ""  # when given, the held-out set; no split is made
-    text_column: str = "review"
-    label_column: str = "label"
-    eval_split: float = 0.2
-    limit: int = 0  # use only the first N rows of each file (0 = all)
-    max_length: int = 128
-    truncation: str = "head"  # which tokens of a longer text to keep: head, tail, head_tail
-    head_tokens: int = 0  # head_tail: tokens kept from the start (0 = a quarter of the budget)
-    text_pair_column: str = ""  # a second text per row, tokenized with the first as a BERT sentence pair
+    model: str = trajectory("")
+    train_file: str = trajectory("")
+    eval_file: str = trajectory("")  # when given, the held-out set; no split is made
+    text_column: str = trajectory("review")
+    label_column: str = trajectory("label")
+    eval_split: float = trajectory(0.2)
+    limit: int = trajectory(0)  # use only the first N rows of each file (0 = all)
+    max_length: int = trajectory(128)
+    truncation: str = trajectory("head")  # which tokens of a longer text to keep: head, tail, head_tail
+    head_tokens: int = trajectory(0)  # head_tail: tokens kept from the start (0 = a quarter of the budget)
+    text_pair_column: str = trajectory("")  # a second text per row, tokenized with the first as a BERT sentence pair
     strict: bool = False  # rows with empty text are an error instead of being skipped
     trust_remote_code: bool = False
     cache_dir: str = "~/.cache/bert_finetune/tokens"  # token ids of earlier runs ("" = no cache)
     # optimisation
-    epochs: int = 2
-    batch_size: int = 32  # per process
+    epochs: int = trajectory(2)
+    batch_size: int = trajectory(32)  # per process
     eval_batch_size: int = 64  # per process; on CPU 64 ran faster than 128 or 256
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    layer_lr_decay: float = 1.0  # head at lr, encoder layer i from the top at lr * X**i, embeddings lowest
-    class_weights: str = "none"  # balanced: loss weights n / (classes * count), from the training labels
-    max_steps: int = 0  # cap on optimizer steps, for smoke runs (0 = no cap)
-    precision: str = "auto"  # auto = bf16 on CUDA where supported, else fp32
-    sampler: str = "length"  # length: length-grouped batches; random: plain DistributedSampler
-    compile: bool = False
-    seed: int = 42
+    grad_accum: int = trajectory(1)
+    lr: float = trajectory(1e-4)
+    weight_decay: float = trajectory(0.01)
+    warmup_ratio: float = trajectory(0.1)
+    max_grad_norm: float = trajectory(1.0)  # 0 = no clipping
+    layer_lr_decay: float = trajectory(1.0)  # head at lr, encoder layer i from the top at lr * X**i, embeddings lowest
+    class_weights: str = trajectory("none")  # balanced: loss weights n / (classes * count), from the training labels
+    max_steps: int = trajectory(0)  # cap on optimizer steps, for smoke runs (0 = no cap)
+    precision: str = trajectory("auto")  # auto = bf16 on CUDA where supported, else fp32
+    sampler: str = trajectory("length")  # length: length-grouped batches; random: plain DistributedSampler
+    compile: bool = trajectory(False)
+    seed: int = trajectory(42)
     # outputs
     output_dir: str = "outputs"
     run_name: str = ""  # TensorBoard run folder under OUTPUT/runs/ ("" = a timestamp)
     log_steps: int = 20
     save_steps: int = 0  # also checkpoint every N optimizer steps (0 = only at each epoch's end)
     save_total_limit: int = 2
-    metric_for_best: str = "accuracy"
-    eval_steps: int = 0  # also evaluate every N optimizer steps (0 = only at each epoch's end)
-    early_stopping_patience: int = 0  # stop after P evaluations without a better metric_for_best (0 = off)
+    metric_for_best: str = trajectory("accuracy")
+    eval_steps: int = trajectory(0)  # also evaluate every N optimizer steps (0 = only at each epoch's end)
+    early_stopping_patience: int = trajectory(0)  # stop after P evaluations without a better metric_for_best (0 = off)
     resume: str = ""  # "auto" = newest valid checkpoint in output_dir, or a checkpoint path
     # distributed
     dist_timeout: float = 300.0  # seconds a collective may wait for a missing rank
@@ -148,14 +153,9 @@ def load_yaml(path: str) -> dict:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message + exit 2 from argparse
-        raise UserError(message)
-
-
 def build_parser(prog: str, extra=None) -> argparse.ArgumentParser:
     """A parser with one flag per Config field; defaults are suppressed so only given flags override."""
-    parser = _Parser(prog=prog, argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    parser = ArgumentParser(prog=prog, argument_default=argparse.SUPPRESS, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of settings (flags override it)")
     for f in fields(Config):
         kwargs = {"dest": f.name, "help": f"default: {f.default!r}"}
@@ -185,6 +185,10 @@ def parse(argv, prog="bert_finetune.train", extra=None):
     values.update({k: v for k, v in args.items() if k in names})
     rest = argparse.Namespace(**{k: v for k, v in args.items() if k not in names})
     return validate(Config(**values)), rest
+
+
+def trajectory_keys() -> list:
+    return [f.name for f in fields(Config) if f.metadata.get("trajectory")]
 
 
 def to_dict(cfg: Config) -> dict:

@@ -1,4 +1,5 @@
-"""CSV in, validated; labels <-> ids; the seeded stratified split; tokenize once; Dataset and collate."""
+"""CSV in, validated; labels <-> ids; the seeded stratified split; tokenize once; Dataset and collate;
+and a training job's tables and token ids from its settings."""
 import csv
 import hashlib
 import importlib.util
@@ -12,6 +13,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from .config import Config
 from .errors import UserError
 
 log = logging.getLogger("bert_finetune")
@@ -349,3 +351,61 @@ class Collator:
         batch["labels"] = torch.tensor([x["labels"] for x in items], dtype=torch.long)
         batch["index"] = torch.tensor([x["index"] for x in items], dtype=torch.long)
         return batch
+
+
+# ---------------------------------------------------------------- a training job's data
+
+@dataclass
+class Tables:
+    train: pd.DataFrame
+    held_out: pd.DataFrame
+    labels: LabelMap
+    train_source: str  # the file each came from, for messages
+    held_out_source: str
+
+
+def load_tables(cfg: Config) -> Tables:
+    """The training and held-out tables (split from the training file unless --eval-file), and the labels."""
+    pair_column = cfg.text_pair_column or None
+    if cfg.train_file:
+        table = read_table(cfg.train_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict, pair_column)
+        source = cfg.train_file
+    elif pair_column:
+        raise UserError(f"--text-pair-column {pair_column}: the embedded default data has no second text; "
+                        f"pass a --train-file with that column")
+    else:
+        table, source = embedded_table(), EMBEDDED
+        table = table.iloc[:cfg.limit] if cfg.limit else table
+    labels = LabelMap.from_values(table["label"])
+    if len(labels) < 2:
+        raise UserError(f"{source}: column '{cfg.label_column}' holds a single class ({labels.names[0]}); "
+                        f"classification needs at least two")
+    if cfg.eval_file:
+        held_out = read_table(cfg.eval_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict, pair_column)
+        labels.encode(held_out, cfg.eval_file)  # fails on labels the training file never had
+        return Tables(table, held_out, labels, source, cfg.eval_file)
+    train, held_out = split(table, cfg.eval_split, cfg.seed, source)
+    return Tables(train, held_out, labels, source, source)
+
+
+def resolve_head_tokens(cfg: Config, tokenizer) -> int:
+    """--head-tokens resolved (0 = a quarter of the budget); 0 unless --truncation head_tail."""
+    if cfg.truncation != "head_tail":
+        return 0
+    budget = cfg.max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    k = cfg.head_tokens or default_head_tokens(budget)
+    if not 0 < k < budget:
+        raise UserError(f"--head-tokens {k} leaves no room for head and tail: --max-length {cfg.max_length} keeps "
+                        f"{budget} tokens besides the special ones")
+    return k
+
+
+def encode_table(tokenizer, table: pd.DataFrame, labels: LabelMap, source: str, cfg: Config) -> EncodedDataset:
+    """A table's token ids (through the cache) and label ids, as the dataset the loop reads."""
+    texts, types = table["text"].tolist(), None
+    if cfg.text_pair_column:
+        ids, types = tokenize_pairs_cached(tokenizer, texts, table["pair"].tolist(), cfg.max_length, cfg.cache_dir)
+    else:
+        ids = tokenize_cached(tokenizer, texts, cfg.max_length, cfg.cache_dir, cfg.truncation,
+                              resolve_head_tokens(cfg, tokenizer))
+    return EncodedDataset(ids, labels.encode(table, source), texts, types)

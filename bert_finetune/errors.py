@@ -1,4 +1,5 @@
-"""The one-line user error and the wrapper every entry point runs under."""
+"""The one-line user error, the argument parser that raises it, and the wrapper every entry point runs under."""
+import argparse
 import functools
 import logging
 import sys
@@ -9,6 +10,13 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are a UserError: one line, instead of usage + message + exit 2."""
+
+    def error(self, message):
+        raise UserError(message)
 
 
 def cli(main):

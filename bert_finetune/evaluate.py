@@ -1,11 +1,10 @@
 """evaluate(): every example once across ranks, metrics from the all-reduced confusion matrix.
 
-Also a CLI that judges a saved model on a labelled CSV (train.py uses only evaluate() and eval_loader()):
+Also a CLI that judges a saved model on a labelled CSV (train.py uses only evaluate()):
 
     python -m bert_finetune.evaluate --model OUTPUT/best --data test.csv [--output-dir DIR]
     torchrun --nproc-per-node N -m bert_finetune.evaluate ...   (each process scores its shard)
 """
-import json
 import logging
 import os
 from contextlib import nullcontext
@@ -14,13 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from . import checkpoint, data, distributed, metrics, modeling, reporting, visuals
-from .config import _Parser
-from .data import Collator
-from .errors import UserError, cli
-from .sampling import eval_shard
+from . import checkpoint, data, distributed, inference, metrics, reporting, visuals
+from .errors import ArgumentParser, UserError, cli
 
 log = logging.getLogger("bert_finetune")
 
@@ -35,30 +30,16 @@ class EvalResult:
     probs: np.ndarray
 
 
-def eval_loader(dataset, batch_size: int, dist: distributed.Dist, collate: Collator) -> DataLoader:
-    shard = eval_shard(dataset.lengths, dist.world_size, dist.rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=shard, collate_fn=collate,
-                      pin_memory=dist.device.type == "cuda")
-
-
-@torch.no_grad()
-def evaluate(model, loader: DataLoader, num_labels: int, device: torch.device, autocast=nullcontext) -> EvalResult:
-    """Run `model` (unwrapped, not DDP: ranks hold different numbers of batches) over this rank's shard."""
-    was_training = model.training
-    model.eval()
+def evaluate(model, loader, num_labels: int, device: torch.device, autocast=nullcontext) -> EvalResult:
+    """Score this rank's shard (inference.length_sorted_loader) and sum the counts over ranks."""
     indices, labels, probs = [], [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in loader:
-        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "index")}
+    for batch, logits in inference.logits(model, loader, device, autocast):
         y = batch["labels"].to(device, non_blocking=True)
-        with autocast():
-            logits = model(**inputs).logits
-        logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         probs.append(logits.softmax(-1).cpu())
         labels.append(batch["labels"])
         indices.append(batch["index"])
-    model.train(was_training)
     probs = torch.cat(probs).numpy() if probs else np.zeros((0, num_labels), dtype=np.float32)
     labels = torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64)
     indices = torch.cat(indices).numpy() if indices else np.zeros(0, dtype=np.int64)
@@ -103,11 +84,29 @@ def confusion_text(cm: np.ndarray, names) -> str:
     return "\n".join(lines)
 
 
+def write_report(result: EvalResult, names, output_dir: str, about: dict):
+    """eval_results.json and confusion_matrix.png in output_dir; the summary, report and matrix printed."""
+    cm, m = result.confusion, result.metrics
+    c = metrics.per_class(cm)
+    per_class = {n: {"precision": float(c["precision"][i]), "recall": float(c["recall"][i]),
+                     "f1": float(c["f1"][i]), "support": int(c["support"][i])} for i, n in enumerate(names)}
+    json_path = os.path.join(output_dir, "eval_results.json")
+    png_path = os.path.join(output_dir, "confusion_matrix.png")
+    checkpoint.write_json(json_path, {**about, "labels": names, "metrics": m, "per_class": per_class,
+                                      "confusion_matrix": cm.tolist()})
+    visuals.save_confusion_png(cm, names, png_path, os.path.basename(about["data"]))
+    print(f"accuracy {m['accuracy']:.4f}  weighted F1 {m['weighted_f1']:.4f}  macro F1 {m['macro_f1']:.4f}  "
+          f"loss {m['loss']:.4f}  ({int(cm.sum())} examples)\n")
+    print(report_text(cm, names, m) + "\n")
+    print(confusion_text(cm, names) + "\n")
+    print(f"written: {json_path}, {png_path}", flush=True)
+
+
 @cli
 def main(argv=None):
-    parser = _Parser(prog="bert_finetune.evaluate",
-                     description="Judge a saved model on a labelled CSV: accuracy, precision/recall/F1, "
-                                 "confusion matrix.")
+    parser = ArgumentParser(prog="bert_finetune.evaluate",
+                            description="Judge a saved model on a labelled CSV: accuracy, precision/recall/F1, "
+                                        "confusion matrix.")
     parser.add_argument("--model", required=True, help="a saved model folder, e.g. outputs/best")
     parser.add_argument("--data", required=True, help="a CSV file with a text and a label column")
     parser.add_argument("--text-column", help="default: the one the model was trained with, else 'review'")
@@ -128,21 +127,12 @@ def main(argv=None):
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
 
     # -- everything that can be wrong with the input is found before the process group forms
-    path = modeling.resolve(args.model)
-    tokenizer = modeling.load_tokenizer(path, args.trust_remote_code)
-    model = modeling.load_classifier(path, modeling.load_config(path, args.trust_remote_code), args.trust_remote_code)
-    saved = {}
-    if os.path.isfile(os.path.join(path, "bert_finetune.json")):
-        with open(os.path.join(path, "bert_finetune.json")) as f:
-            saved = json.load(f)
-    text_column = args.text_column or saved.get("text_column") or "review"
-    label_column = args.label_column or saved.get("label_column") or "label"
-    pair_column = args.text_pair_column or saved.get("text_pair_column") or None
-    limit = modeling.max_positions(model.config)
-    max_length = args.max_length or saved.get("max_length") or min(limit or 512, 512)
-    if limit and max_length > limit:
-        raise UserError(f"--max-length {max_length} is above the model's position limit ({limit})")
-    labels = data.LabelMap.from_config(model.config)
+    trained = inference.Predictor(args.model, device=torch.device("cpu"), max_length=args.max_length,
+                                  trust_remote_code=args.trust_remote_code)
+    text_column = args.text_column or trained.saved.get("text_column") or inference.DEFAULT_TEXT_COLUMN
+    label_column = args.label_column or trained.saved.get("label_column") or inference.DEFAULT_LABEL_COLUMN
+    pair_column = args.text_pair_column or trained.pair_column
+    labels = trained.labels
     table = data.read_table(args.data, text_column, label_column, args.limit, pair_column=pair_column)
     unknown = sorted(set(table["label"]) - set(labels.ids))
     if unknown:
@@ -153,39 +143,23 @@ def main(argv=None):
     output_dir = args.output_dir or f"eval-{os.path.splitext(os.path.basename(args.data))[0]}"
     if rank == 0:
         checkpoint.make_output_dir(output_dir)
-    # the truncation the model was trained with
-    truncation, head_tokens = saved.get("truncation") or "head", saved.get("head_tokens") or 0
-    ids, types = data.encode_texts(tokenizer, table["text"].tolist(), max_length,
-                                   table["pair"].tolist() if pair_column else None, truncation, head_tokens)
+    ids, types = trained.tokenize(table["text"].tolist(), table["pair"].tolist() if pair_column else None)
     dataset = data.EncodedDataset(ids, labels.encode(table, args.data), table["text"].tolist(), types)
 
     dist = distributed.setup(args.dist_timeout)
     try:
-        model.to(dist.device)
-        collate = Collator(tokenizer.pad_token_id or 0, multiple=8 if dist.device.type == "cuda" else 1)
-        loader = eval_loader(dataset, args.batch_size, dist, collate)
+        trained.to(dist.device)
+        loader = inference.length_sorted_loader(dataset, args.batch_size, inference.collator(trained.tokenizer,
+                                                dist.device), dist.device, dist.world_size, dist.rank)
+        pairs = f", pairs with column {pair_column}" if pair_column else ""
         log.info("evaluating %s on %d examples of %s (max length %d, truncation %s%s) on %s x %d", args.model,
-                 len(dataset), args.data, max_length, truncation, f", pairs with column {pair_column}" if pair_column
-                 else "", dist.device.type, dist.world_size)
-        result = evaluate(model, loader, len(labels), dist.device)
+                 len(dataset), args.data, trained.max_length, trained.truncation, pairs, dist.device.type,
+                 dist.world_size)
+        result = evaluate(trained.model, loader, len(labels), dist.device)
         if dist.is_main:
-            names, cm, m = labels.names, result.confusion, result.metrics
-            c = metrics.per_class(cm)
-            per_class = {n: {"precision": float(c["precision"][i]), "recall": float(c["recall"][i]),
-                             "f1": float(c["f1"][i]), "support": int(c["support"][i])} for i, n in enumerate(names)}
-            summary = {"model": args.model, "data": args.data, "examples": int(cm.sum()), "max_length": max_length,
-                       "truncation": truncation, "text_pair_column": pair_column,
-                       "labels": names, "metrics": m, "per_class": per_class, "confusion_matrix": cm.tolist()}
-            json_path = os.path.join(output_dir, "eval_results.json")
-            png_path = os.path.join(output_dir, "confusion_matrix.png")
-            with open(json_path, "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=1, ensure_ascii=False)
-            visuals.save_confusion_png(cm, names, png_path, os.path.basename(args.data))
-            print(f"accuracy {m['accuracy']:.4f}  weighted F1 {m['weighted_f1']:.4f}  macro F1 {m['macro_f1']:.4f}  "
-                  f"loss {m['loss']:.4f}  ({int(cm.sum())} examples)\n")
-            print(report_text(cm, names, m) + "\n")
-            print(confusion_text(cm, names) + "\n")
-            print(f"written: {json_path}, {png_path}", flush=True)
+            write_report(result, labels.names, output_dir, {
+                "model": args.model, "data": args.data, "examples": int(result.confusion.sum()),
+                "max_length": trained.max_length, "truncation": trained.truncation, "text_pair_column": pair_column})
         distributed.barrier()
     finally:
         distributed.teardown()

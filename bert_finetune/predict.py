@@ -23,84 +23,10 @@ import pandas as pd
 import torch
 
 from . import data, modeling, reporting
-from .config import _Parser
-from .errors import UserError, cli
+from .errors import ArgumentParser, UserError, cli
+from .inference import DEFAULT_TEXT_COLUMN, Predictor, saved_settings
 
 log = logging.getLogger("bert_finetune")
-
-DEFAULT_TEXT_COLUMN = "review"
-
-
-def saved_settings(path: str) -> dict:
-    """What training stored beside the weights (max_length, text_column, label_column, text_pair_column,
-    truncation, head_tokens); {} if nothing."""
-    try:
-        with open(os.path.join(path, "bert_finetune.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-class Predictor:
-    """A saved model folder, ready to score texts in length-sorted, dynamically padded batches."""
-
-    def __init__(self, model_dir: str, device: torch.device | None = None, max_length: int | None = None,
-                 trust_remote_code: bool = False):
-        path = modeling.resolve(model_dir)
-        self.tokenizer = modeling.load_tokenizer(path, trust_remote_code)
-        config = modeling.load_config(path, trust_remote_code)
-        self.model = modeling.load_classifier(path, config, trust_remote_code).eval()
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device)
-        self.labels = data.LabelMap.from_config(self.model.config)
-        self.saved = saved_settings(path)
-        limit = modeling.max_positions(config)
-        if max_length and limit and max_length > limit:
-            raise UserError(f"--max-length {max_length} is above the model's position limit ({limit})")
-        self.max_length = max_length or self.saved.get("max_length") or min(limit or 512, 512)
-        # the truncation the model was trained with
-        self.truncation = self.saved.get("truncation") or "head"
-        self.head_tokens = self.saved.get("head_tokens") or 0
-        self.pair_column = self.saved.get("text_pair_column") or None
-
-    def encode(self, texts, pairs=None) -> tuple[list, list | None, np.ndarray]:
-        """(token ids per text, cut to max_length; token type ids per text or None; whether each text was
-        longer and got truncated)."""
-        if pairs is None and self.pair_column:
-            raise UserError(f"the model was trained on sentence pairs (column '{self.pair_column}'): "
-                            f"give the second texts too")
-        ids, types = data.encode_texts(self.tokenizer, texts, self.max_length, pairs, self.truncation, self.head_tokens)
-        truncated = np.zeros(len(texts), dtype=bool)
-        full = [i for i, x in enumerate(ids) if len(x) >= self.max_length]  # only these can have been cut
-        if full:
-            second = [pairs[i] for i in full] if pairs is not None else None
-            lengths = self.tokenizer([texts[i] for i in full], second, return_attention_mask=False,
-                                     return_token_type_ids=False, return_length=True)["length"]
-            truncated[full] = np.asarray(lengths) > self.max_length
-        return ids, types, truncated
-
-    @torch.no_grad()
-    def scores(self, ids, batch_size: int = 64, progress: bool = False, types=None) -> np.ndarray:
-        """Probabilities (len(ids) x labels) in input order; batches of similar length, padded per batch."""
-        from tqdm.auto import tqdm
-        collate = data.Collator(self.tokenizer.pad_token_id or 0, multiple=8 if self.device.type == "cuda" else 1)
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-        out = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
-        with tqdm(total=len(ids), unit="text", disable=not progress, file=sys.stderr, mininterval=1.0,
-                  dynamic_ncols=True) as bar:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                batch = collate([{"input_ids": ids[i], "labels": 0, "index": i,
-                                  **({"token_type_ids": types[i]} if types is not None else {})} for i in chunk])
-                inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("labels", "index")}
-                logits = self.model(**inputs).logits
-                out[chunk] = logits.float().softmax(-1).cpu().numpy()
-                bar.update(len(chunk))
-        return out
-
-    def probabilities(self, texts, batch_size: int = 64, progress: bool = False, pairs=None) -> np.ndarray:
-        ids, types, _ = self.encode(texts, pairs)
-        return self.scores(ids, batch_size, progress, types)
 
 
 # ---------------------------------------------------------------- input
@@ -275,9 +201,8 @@ def _where(inputs: Inputs, positions, what: str) -> str:
     return f"{what}{plural} {shown}{' ...' if len(positions) > 5 else ''}"
 
 
-@cli
-def main(argv=None):
-    parser = _Parser(prog="bert_finetune.predict", description=__doc__.splitlines()[0])
+def parse_args(argv):
+    parser = ArgumentParser(prog="bert_finetune.predict", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a saved model folder, e.g. outputs/best")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to classify (repeatable)")
@@ -294,8 +219,6 @@ def main(argv=None):
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
-    reporting.setup_logging()
-    log.handlers[0].setStream(sys.stderr)  # standard output carries the predictions only
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     if args.max_length is not None and args.max_length < 2:
@@ -303,32 +226,28 @@ def main(argv=None):
     if not os.path.isdir(args.model) and os.path.exists(args.model):
         raise UserError(f"--model {args.model}: not a model folder")
     try:
-        device = torch.device(args.device) if args.device else None
+        args.device = torch.device(args.device) if args.device else None
     except RuntimeError:
         raise UserError(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)") from None
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+    if args.device is not None and args.device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA GPU is available")
-    kind = output_kind(args.output) if args.output else None
-    # the input is read before the model loads: a wrong column or file fails at once
-    saved = saved_settings(modeling.resolve(args.model))
-    text_column = args.text_column or saved.get("text_column") or DEFAULT_TEXT_COLUMN
-    pair_column = args.text_pair_column or saved.get("text_pair_column") or None
-    if args.text is not None:
-        if args.text_pair is None and pair_column:
-            raise UserError(f"--model {args.model} was trained on sentence pairs (column '{pair_column}'): "
-                            f"give one --text-pair per --text")
-        if args.text_pair is not None and len(args.text_pair) != len(args.text):
-            raise UserError(f"{len(args.text)} --text but {len(args.text_pair)} --text-pair: give one pair per text")
-        inputs = Inputs(list(args.text), [f"#{i}" for i in range(1, len(args.text) + 1)], None, "text",
-                        list(args.text_pair) if args.text_pair is not None else None)
-    elif args.text_pair is not None:
-        raise UserError("--text-pair goes with --text; with --input name the column with --text-pair-column")
-    else:
-        inputs = read_inputs(args.input, text_column, pair_column)
-    predictor = Predictor(args.model, device=device, max_length=args.max_length,
-                          trust_remote_code=args.trust_remote_code)
-    what = "--text" if args.text is not None else "line"
+    return args
 
+
+def command_line_inputs(args, pair_column: str | None) -> Inputs:
+    """The examples of --text (and --text-pair)."""
+    if args.text_pair is None and pair_column:
+        raise UserError(f"--model {args.model} was trained on sentence pairs (column '{pair_column}'): "
+                        f"give one --text-pair per --text")
+    if args.text_pair is not None and len(args.text_pair) != len(args.text):
+        raise UserError(f"{len(args.text)} --text but {len(args.text_pair)} --text-pair: give one pair per text")
+    return Inputs(list(args.text), [f"#{i}" for i in range(1, len(args.text) + 1)], None, "text",
+                  list(args.text_pair) if args.text_pair is not None else None)
+
+
+def score(predictor: Predictor, inputs: Inputs, batch_size: int, what: str) -> np.ndarray:
+    """Probabilities per example, in input order; rows of nan for empty examples. Empty and truncated
+    examples are reported (`what` names where they are: line or --text)."""
     def filled(i):  # a sentence pair needs both texts
         return bool(inputs.texts[i].strip()) and (inputs.pairs is None or bool(inputs.pairs[i].strip()))
     present = [i for i in range(len(inputs.texts)) if filled(i)]
@@ -338,20 +257,18 @@ def main(argv=None):
     probs = np.full((len(inputs.texts), len(predictor.labels)), np.nan, dtype=np.float32)
     if present:
         pairs = [inputs.pairs[i] for i in present] if inputs.pairs is not None else None
-        ids, types, truncated = predictor.encode([inputs.texts[i] for i in present], pairs)
-        cut = np.flatnonzero(truncated)
+        texts = [inputs.texts[i] for i in present]
+        ids, types = predictor.tokenize(texts, pairs)
+        cut = np.flatnonzero(predictor.truncated(ids, texts, pairs))
         if len(cut):
             log.warning("%d of %d example(s) are longer than %d tokens and were truncated (%s)", len(cut),
                         len(present), predictor.max_length, _where(inputs, [present[i] for i in cut], what))
-        progress = len(present) > 8 * args.batch_size
-        probs[present] = predictor.scores(ids, args.batch_size, progress, types)
+        probs[present] = predictor.scores(ids, batch_size, len(present) > 8 * batch_size, types)
+    return probs
 
-    names = predictor.labels.names
-    if args.output:
-        write_output(args.output, output_rows(inputs, probs, names, nested=kind != "csv"))
-        if kind != "stdout":
-            log.info("%d prediction(s) written to %s", len(inputs.texts), args.output)
-        return
+
+def print_predictions(inputs: Inputs, probs: np.ndarray, names):
+    """LABEL<tab>PROBABILITY<tab>TEXT (<tab>PAIR) per example on standard output."""
     out = []
     for i, (text, p) in enumerate(zip(inputs.texts, probs)):
         shown = _one_line(text) + (f"\t{_one_line(inputs.pairs[i])}" if inputs.pairs is not None else "")
@@ -362,6 +279,33 @@ def main(argv=None):
             out.append(f"{names[best]}\t{p[best]:.4f}\t{shown}")
     sys.stdout.write("".join(line + "\n" for line in out))
     sys.stdout.flush()
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    reporting.setup_logging()
+    log.handlers[0].setStream(sys.stderr)  # standard output carries the predictions only
+    kind = output_kind(args.output) if args.output else None
+    # the input is read before the model loads: a wrong column or file fails at once
+    saved = saved_settings(modeling.resolve(args.model))
+    text_column = args.text_column or saved.get("text_column") or DEFAULT_TEXT_COLUMN
+    pair_column = args.text_pair_column or saved.get("text_pair_column") or None
+    if args.text is not None:
+        inputs = command_line_inputs(args, pair_column)
+    elif args.text_pair is not None:
+        raise UserError("--text-pair goes with --text; with --input name the column with --text-pair-column")
+    else:
+        inputs = read_inputs(args.input, text_column, pair_column)
+    predictor = Predictor(args.model, device=args.device, max_length=args.max_length,
+                          trust_remote_code=args.trust_remote_code)
+    probs = score(predictor, inputs, args.batch_size, "--text" if args.text is not None else "line")
+    if not args.output:
+        print_predictions(inputs, probs, predictor.labels.names)
+        return
+    write_output(args.output, output_rows(inputs, probs, predictor.labels.names, nested=kind != "csv"))
+    if kind != "stdout":
+        log.info("%d prediction(s) written to %s", len(inputs.texts), args.output)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import logging
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -77,6 +78,7 @@ class Writer:
     def close(self):
         if self.tb:
             self.tb.close()
+            self.tb = None
 
 
 def progress(total: int, initial: int, enabled: bool):
@@ -139,12 +141,14 @@ def train_flops_per_token(model) -> float:
 
 class Meter:
     """Training throughput. Counts samples and real/padded tokens over an interval; `lap()` closes
-    the interval and folds it into whole-run totals. Time between `lap()` and `restart()` (evaluation,
-    checkpoints) is not training time and is not counted."""
+    the interval and folds it into whole-run totals. Time inside `with meter.paused():` (evaluation,
+    checkpoints) is not training time and is not counted. `reduce` sums an array of this process's
+    counts over all ranks (default: one process)."""
 
-    def __init__(self, flops_per_token: float, peak: float, totals: dict | None = None):
+    def __init__(self, flops_per_token: float, peak: float, totals: dict | None = None, reduce=None):
         self.flops_per_token, self.peak = flops_per_token, peak
         self.totals = dict(totals or {"seconds": 0.0, "samples": 0, "real": 0, "padded": 0})
+        self.reduce = reduce or (lambda counts: counts)
         self.restart()
 
     def restart(self):
@@ -159,14 +163,25 @@ class Meter:
         return [self.samples, self.real, self.padded]
 
     def lap(self, counts=None) -> dict:
-        """Rates over the interval just closed; `counts` = the interval's (samples, real, padded)
-        summed over ranks (default: this process's own)."""
+        """Rates over the interval just closed; `counts` = the interval's (samples, real, padded) already
+        summed over ranks (default: this process's own, summed with `reduce`)."""
         seconds = time.perf_counter() - self.t0
-        samples, real, padded = (int(c) for c in (counts if counts is not None else self.counts()))
+        if counts is None:
+            counts = self.reduce(np.array(self.counts()))
+        samples, real, padded = (int(c) for c in counts)
         for key, value in zip(("seconds", "samples", "real", "padded"), (seconds, samples, real, padded)):
             self.totals[key] += value
         self.restart()
         return self._rates(seconds, samples, real, padded)
+
+    @contextmanager
+    def paused(self):
+        """Close the interval now and start the next one on leaving: what runs inside is not timed."""
+        self.lap()
+        try:
+            yield
+        finally:
+            self.restart()
 
     def overall(self) -> dict:
         t = self.totals

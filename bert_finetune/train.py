@@ -3,20 +3,22 @@
     python -m bert_finetune.train --single-gpu [--config configs/X.yaml] [--key value ...]
     bash launch.sh N [same flags]
 
-Reads top to bottom: settings, data, model, optimizer, (resume), the epochs, evaluation,
-checkpoints, results. Single process and DDP share every line but setup and a few
+Reads top to bottom. main() checks every input before anything is written, sets up the processes and
+runs a Trainer. The Trainer builds the data, the model and the optimizer, restores a checkpoint, runs
+the epoch loop (train()) and writes the results (finish()). It is the small Trainer class of the
+pytorch/examples DDP tutorial: the built pieces live on one object, so each step of the loop is a short
+method, the loop itself fits on a screen, and what a checkpoint must carry is one TrainState instead of
+variables spread over closures. Single process and DDP share every line but setup and a few
 `world_size > 1` branches.
 """
-import json
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from functools import partial
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,148 +26,35 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from . import checkpoint, config, data, distributed, metrics, modeling, optim, reporting, visuals
+from . import (checkpoint, config, data, distributed, inference, metrics, modeling, optim, precision, reporting, rng,
+               speedups, visuals)
 from .errors import UserError, cli
-from .evaluate import eval_loader, evaluate
+from .evaluate import evaluate
 from .sampling import LengthGroupedSampler, steps_per_epoch
+from .state import TrainState, after_step
 
 log = logging.getLogger("bert_finetune")
 
-# settings that change the trajectory: a resume under different values is not the same run
-TRAJECTORY_KEYS = ("model", "train_file", "eval_file", "eval_split", "limit", "max_length", "epochs", "batch_size",
-                   "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "max_steps", "precision",
-                   "sampler", "seed", "truncation", "head_tokens", "text_pair_column", "class_weights",
-                   "layer_lr_decay", "eval_steps", "early_stopping_patience")
+
+# ---------------------------------------------------------------- setup
+
+@dataclass
+class Job:
+    """The inputs, read and checked before anything is written or any process group forms."""
+    model_name: str
+    tokenizer: object
+    model_config: object
+    tables: data.Tables
 
 
-# ---------------------------------------------------------------- data
+def check_inputs(cfg: config.Config) -> Job:
+    model_name = modeling.resolve(cfg.model)
+    tokenizer = modeling.load_tokenizer(model_name, cfg.trust_remote_code)
+    model_config = modeling.load_config(model_name, cfg.trust_remote_code)
+    modeling.check_max_length(cfg.max_length, model_config)
+    data.resolve_head_tokens(cfg, tokenizer)  # a --head-tokens that does not fit fails here
+    return Job(model_name, tokenizer, model_config, data.load_tables(cfg))
 
-def load_tables(cfg: config.Config):
-    """(train table, held-out table, label map, where each came from)."""
-    pair_column = cfg.text_pair_column or None
-    if cfg.train_file:
-        table = data.read_table(cfg.train_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict, pair_column)
-        source = cfg.train_file
-    elif pair_column:
-        raise UserError(f"--text-pair-column {pair_column}: the embedded default data has no second text; "
-                        f"pass a --train-file with that column")
-    else:
-        table, source = data.embedded_table(), data.EMBEDDED
-        table = table.iloc[:cfg.limit] if cfg.limit else table
-    labels = data.LabelMap.from_values(table["label"])
-    if len(labels) < 2:
-        raise UserError(f"{source}: column '{cfg.label_column}' holds a single class ({labels.names[0]}); "
-                        f"classification needs at least two")
-    if cfg.eval_file:
-        held_out = data.read_table(cfg.eval_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict,
-                                   pair_column)
-        labels.encode(held_out, cfg.eval_file)  # fails on labels the training file never had
-        return table, held_out, labels, (source, cfg.eval_file)
-    train, held_out = data.split(table, cfg.eval_split, cfg.seed, source)
-    return train, held_out, labels, (source, source)
-
-
-def head_tokens(cfg: config.Config, tokenizer) -> int:
-    """--head-tokens resolved (0 = a quarter of the budget); 0 unless --truncation head_tail."""
-    if cfg.truncation != "head_tail":
-        return 0
-    budget = cfg.max_length - tokenizer.num_special_tokens_to_add(pair=False)
-    k = cfg.head_tokens or data.default_head_tokens(budget)
-    if not 0 < k < budget:
-        raise UserError(f"--head-tokens {k} leaves no room for head and tail: --max-length {cfg.max_length} keeps "
-                        f"{budget} tokens besides the special ones")
-    return k
-
-
-def encode(tokenizer, table, labels: data.LabelMap, source: str, cfg: config.Config) -> data.EncodedDataset:
-    texts, types = table["text"].tolist(), None
-    if cfg.text_pair_column:
-        ids, types = data.tokenize_pairs_cached(tokenizer, texts, table["pair"].tolist(), cfg.max_length,
-                                                cfg.cache_dir)
-    else:
-        ids = data.tokenize_cached(tokenizer, texts, cfg.max_length, cfg.cache_dir, cfg.truncation,
-                                   head_tokens(cfg, tokenizer))
-    return data.EncodedDataset(ids, labels.encode(table, source), texts, types)
-
-
-# ---------------------------------------------------------------- precision
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if requested != "fp32" and device.type == "cpu" and not _cpu_has_fast(requested):
-        log.warning("--precision %s: this CPU has no %s matmul units (AMX or AVX-512 %s), so it runs about 100x "
-                    "slower than fp32; use --precision fp32", requested, requested, requested.upper())
-    return requested
-
-
-def _cpu_has_fast(precision: str) -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    wanted = {"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16")}[precision]
-    return any(f" {w}" in flags for w in wanted)
-
-
-def autocast_for(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return partial(torch.autocast, device_type=device.type, dtype=dtype)
-
-
-# ---------------------------------------------------------------- RNG
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """This rank's RNG states as plain bytes and tuples: they travel through all_gather_object and
-    load back with weights_only=True."""
-    _, mt, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (mt.astype(np.uint32).tobytes(), pos, has_gauss, gauss),
-             "torch": torch.get_rng_state().numpy().tobytes()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().numpy().tobytes()
-    return state
-
-
-def set_rng_state(state: dict):
-    def tensor(b):
-        return torch.frombuffer(bytearray(b), dtype=torch.uint8)
-    random.setstate(_as_tuples(state["python"]))
-    mt, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state(("MT19937", np.frombuffer(mt, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(tensor(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensor(state["cuda"]))
-
-
-def _as_tuples(x):
-    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-# ---------------------------------------------------------------- signals
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves, and exits non-zero."""
-
-    def __init__(self):
-        self.signum = None
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signum = signum
-
-
-# ---------------------------------------------------------------- output dir
 
 def check_output_dir(cfg: config.Config, restarted: bool) -> str | None:
     """Where to resume from (or None); refuses to start over an earlier run's checkpoints."""
@@ -183,25 +72,39 @@ def check_output_dir(cfg: config.Config, restarted: bool) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------- main
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves, and raises Preempted."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signum = signum
+
+
+class Preempted(Exception):
+    """A stop signal ended the run once its checkpoint was saved (signum None: it reached another rank)."""
+
+    def __init__(self, signum: int | None, step: int):
+        super().__init__(signum, step)
+        self.signum, self.step = signum, step
+
+
+SINGLE_GPU = (("--single-gpu",), {"action": "store_true", "dest": "single_gpu",
+                                  "help": "one process on one device (no torchrun)"})
+
 
 @cli
 def main(argv=None):
-    cfg, extra = config.parse(argv, extra=[(("--single-gpu",), {"action": "store_true", "dest": "single_gpu",
-                                                                 "help": "one process on one device (no torchrun)"})])
+    cfg, extra = config.parse(argv, extra=[SINGLE_GPU])
     single = getattr(extra, "single_gpu", False)
     rank = 0 if single else int(os.environ.get("RANK", "0"))
     reporting.setup_logging(rank)
-
-    # -- everything that can be wrong with the input is found before anything is written
-    model_name = modeling.resolve(cfg.model)
-    tokenizer = modeling.load_tokenizer(model_name, cfg.trust_remote_code)
-    model_config = modeling.load_config(model_name, cfg.trust_remote_code)
-    limit = modeling.max_positions(model_config)
-    if limit and cfg.max_length > limit:
-        raise UserError(f"--max-length {cfg.max_length} is above the model's position limit ({limit})")
-    head_tokens(cfg, tokenizer)  # a --head-tokens that does not fit fails here, before anything is written
-    train_table, eval_table, labels, (train_src, eval_src) = load_tables(cfg)
+    job = check_inputs(cfg)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume_from = check_output_dir(cfg, restarted) if rank == 0 else None
 
@@ -211,288 +114,334 @@ def main(argv=None):
         if not os.path.isdir(cfg.output_dir):
             raise UserError(f"--output-dir {cfg.output_dir}: missing on this node (rank {dist.rank}) although rank 0 "
                             f"created it: the output dir must be on storage that every node shares")
-        run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table, labels, train_src, eval_src,
-            distributed.broadcast(resume_from))
+        trainer = Trainer(cfg, dist, job, distributed.broadcast(resume_from))
+        try:
+            trainer.train()
+            trainer.finish()
+        finally:
+            trainer.writer.close()
+    except Preempted as stop:
+        cause = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another rank"
+        log.warning("stopped by %s at step %d: checkpoint saved; continue with --resume auto", cause, stop.step)
+        sys.exit(128 + (stop.signum or signal.SIGTERM))
     finally:
         distributed.teardown()
 
 
-def run(cfg, dist, model_name, tokenizer, model_config, train_table, eval_table, labels, train_src, eval_src,
-        resume_from):
-    is_main, world = dist.is_main, dist.world_size
-    device = dist.device
-    precision = resolve_precision(cfg.precision, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+# ---------------------------------------------------------------- the run
 
-    # -- data: tokenize once, unpadded; batches padded to their own longest example
-    t0 = time.perf_counter()
-    train_set = encode(tokenizer, train_table, labels, train_src, cfg)
-    eval_set = encode(tokenizer, eval_table, labels, eval_src, cfg)
-    log.info("data: %d train / %d held-out examples, %d labels (%s), tokenized in %.1f s",
-             len(train_set), len(eval_set), len(labels), ", ".join(labels.names), time.perf_counter() - t0)
-    collate = data.Collator(tokenizer.pad_token_id or 0, multiple=8 if device.type == "cuda" else 1)
-    sampler = LengthGroupedSampler(train_set.lengths, cfg.batch_size, world, dist.rank, cfg.seed,
-                                   group_by_length=cfg.sampler == "length")
-    # its own generator: creating a DataLoader iterator must not draw from the global RNG (exact resume)
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-                              pin_memory=device.type == "cuda", generator=torch.Generator())
-    held_out = eval_loader(eval_set, cfg.eval_batch_size, dist, collate)
+class Trainer:
+    """One training run: what it is built from, where it stands (self.state), and the steps of its loop."""
 
-    # -- model: the same seed on every rank, so the new classifier head starts identical
-    seed_everything(cfg.seed)
-    model_config.num_labels = len(labels)
-    model_config.id2label = dict(enumerate(labels.names))
-    model_config.label2id = dict(labels.ids)
-    model = modeling.load_classifier(model_name, model_config, cfg.trust_remote_code).to(device)
-    if device.type == "cpu" and not cfg.compile:  # torch.compile makes its own dropout kernels
-        modeling.use_fast_dropout(model)  # CPU dropout is bound by its RNG: see modeling.FastDropout
-    if modeling.train_last_layer_on_first_token(model):  # the head reads [CLS] alone: the same loss, less work
-        log.info("training computes the last layer at the first token only (the classifier reads nothing else)")
-    raw_model = model
+    def __init__(self, cfg: config.Config, dist: distributed.Dist, job: Job, resume_from: str | None):
+        self.cfg, self.dist, self.device = cfg, dist, dist.device
+        self.precision = precision.resolve(cfg.precision, self.device)
+        precision.allow_tf32(self.device)
+        self.tokenizer = job.tokenizer
+        self._build_data(job.tables)
+        self._build_model(job)
+        self._build_optimizer()
+        self.state = TrainState()
+        rng.seed_everything(cfg.seed + dist.rank)  # dropout differs across ranks
+        self.saved_rng = self._restore(resume_from) if resume_from else None
+        self.model = self._wrap(self.raw_model)
+        self._build_reporting()
 
-    # -- optimizer and schedule
-    batches_per_epoch = len(train_loader)
-    updates_per_epoch = steps_per_epoch(batches_per_epoch, cfg.grad_accum)
-    total_steps = cfg.epochs * updates_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    optimizer = optim.build_optimizer(raw_model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
-    scheduler = optim.build_scheduler(optimizer, warmup_steps, total_steps)
-    log.info("learning rates: %s", optim.describe_lrs(optimizer.param_groups))
-    class_weights, loss_weights = None, None
-    if cfg.class_weights == "balanced":
-        class_weights = data.balanced_class_weights(train_set.labels, len(labels))
-        loss_weights = torch.tensor(class_weights, dtype=torch.float32, device=device)
-        log.info("class weights (balanced): %s", ", ".join(f"{n} {w:.4f}" for n, w in zip(labels.names, class_weights)))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = autocast_for(precision, device)
+    def _build_data(self, tables: data.Tables):
+        """Tokenize once, unpadded; batches are padded to their own longest example."""
+        cfg, dist, t0 = self.cfg, self.dist, time.perf_counter()
+        self.labels = tables.labels
+        self.train_set = data.encode_table(self.tokenizer, tables.train, self.labels, tables.train_source, cfg)
+        self.eval_set = data.encode_table(self.tokenizer, tables.held_out, self.labels, tables.held_out_source, cfg)
+        log.info("data: %d train / %d held-out examples, %d labels (%s), tokenized in %.1f s", len(self.train_set),
+                 len(self.eval_set), len(self.labels), ", ".join(self.labels.names), time.perf_counter() - t0)
+        self.collate = inference.collator(self.tokenizer, self.device)
+        self.sampler = LengthGroupedSampler(self.train_set.lengths, cfg.batch_size, dist.world_size, dist.rank,
+                                            cfg.seed, group_by_length=cfg.sampler == "length")
+        # its own generator: creating a DataLoader iterator must not draw from the global RNG (exact resume)
+        self.train_loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=self.sampler,
+                                       collate_fn=self.collate, pin_memory=self.device.type == "cuda",
+                                       generator=torch.Generator())
+        self.held_out = inference.length_sorted_loader(self.eval_set, cfg.eval_batch_size, self.collate, self.device,
+                                                       dist.world_size, dist.rank)
+        self.batches_per_epoch = len(self.train_loader)
+        self.planned_steps = cfg.epochs * steps_per_epoch(self.batches_per_epoch, cfg.grad_accum)
+        self.total_steps = min(self.planned_steps, cfg.max_steps) if cfg.max_steps else self.planned_steps
 
-    # -- resume: weights before DDP wraps the model, then optimizer, schedule, scaler, position, RNG
-    state = {"step": 0, "epoch": 0, "batches_done": 0, "best": None, "best_step": None, "epochs": [],
-             "evals_without_improvement": 0, "stopped": None, "loop_seconds": 0.0, "speed": None}
-    seed_everything(cfg.seed + dist.rank)  # dropout differs across ranks
-    if resume_from:
-        weights, saved = checkpoint.load(resume_from)
-        raw_model.load_state_dict(weights)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state.update(saved["progress"])
-        _warn_if_changed(saved["config"], config.to_dict(cfg), saved["world_size"], world)
-        log.info("resumed from %s: step %d, epoch %d, batch %d", resume_from, state["step"], state["epoch"] + 1,
-                 state["batches_done"])
+    def _build_model(self, job: Job):
+        cfg = self.cfg
+        rng.seed_everything(cfg.seed)  # the same on every rank, so the new classifier head starts identical
+        job.model_config.num_labels = len(self.labels)
+        job.model_config.id2label = dict(enumerate(self.labels.names))
+        job.model_config.label2id = dict(self.labels.ids)
+        self.raw_model = modeling.load_classifier(job.model_name, job.model_config, cfg.trust_remote_code)
+        self.raw_model.to(self.device)
+        candidates = [speedups.FIRST_TOKEN_LAST_LAYER]
+        if self.device.type == "cpu" and not cfg.compile:  # torch.compile makes its own dropout kernels
+            candidates.insert(0, speedups.FAST_CPU_DROPOUT)
+        first = self.collate([self.train_set[i] for i in range(min(len(self.train_set), cfg.batch_size))])
+        batch = {k: first[k].to(self.device) for k in inference.MODEL_INPUTS if k in first}
+        self.speedups = speedups.enable(self.raw_model, batch, candidates)
+        if self.speedups:
+            log.info("speed-ups, each checked on the first batch: %s", ", ".join(self.speedups))
+        self.export_info = {"max_length": cfg.max_length, "text_column": cfg.text_column,
+                            "label_column": cfg.label_column, "text_pair_column": cfg.text_pair_column,
+                            "truncation": cfg.truncation, "head_tokens": data.resolve_head_tokens(cfg, self.tokenizer)}
 
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model, dynamic=True)
+    def _build_optimizer(self):
+        """AdamW over weight-decay groups, linear warmup and decay, the fp16 GradScaler, class weights."""
+        cfg = self.cfg
+        self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.optimizer = optim.build_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
+        self.scheduler = optim.build_scheduler(self.optimizer, self.warmup_steps, self.total_steps)
+        log.info("learning rates: %s", optim.describe_lrs(self.optimizer.param_groups))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.autocast = precision.autocast(self.precision, self.device)
+        self.class_weights, self.loss_weights = None, None
+        if cfg.class_weights == "balanced":
+            self.class_weights = data.balanced_class_weights(self.train_set.labels, len(self.labels))
+            self.loss_weights = torch.tensor(self.class_weights, dtype=torch.float32, device=self.device)
+            log.info("class weights (balanced): %s",
+                     ", ".join(f"{n} {w:.4f}" for n, w in zip(self.labels.names, self.class_weights)))
 
-    # -- reporting
-    run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
-    writer = reporting.Writer(os.path.join(cfg.output_dir, "runs", run_name) if is_main else None)
-    flops_per_token = reporting.train_flops_per_token(raw_model)
-    def measure_peak() -> float:  # the whole job's: summed over ranks
-        return float(distributed.all_reduce_sum(np.array([reporting.matmul_peak_flops(device, precision)]), device)[0])
-    peak = measure_peak()
-    log.info("model %s: %.1fM parameters; %s on %s x %d; %d steps (%d per epoch), warmup %d; peak %.0f GFLOP/s",
-             model_name, sum(p.numel() for p in raw_model.parameters()) / 1e6, precision, device.type, world,
-             total_steps, updates_per_epoch, warmup_steps, peak / 1e9)
+    def _restore(self, path: str) -> dict | None:
+        """Weights (before DDP wraps the model), optimizer, schedule, scaler and state from a checkpoint;
+        returns this rank's saved RNG states, which train() sets last (None on another process count)."""
+        weights, saved = checkpoint.load(path)
+        self.raw_model.load_state_dict(weights)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.state.load_state_dict(saved["train_state"] if "train_state" in saved else saved["progress"])
+        warn_if_changed(saved["config"], config.to_dict(self.cfg), saved["world_size"], self.dist.world_size)
+        log.info("resumed from %s: step %d, epoch %d, batch %d", path, self.state.step, self.state.epoch + 1,
+                 self.state.batches_done)
+        return saved["rng"][self.dist.rank] if saved["world_size"] == self.dist.world_size else None
 
-    export_info = {"max_length": cfg.max_length, "text_column": cfg.text_column, "label_column": cfg.label_column,
-                   "text_pair_column": cfg.text_pair_column, "truncation": cfg.truncation,
-                   "head_tokens": head_tokens(cfg, tokenizer)}
+    def _wrap(self, model):
+        if self.dist.world_size > 1:
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.compile:
+            model = torch.compile(model, dynamic=True)
+        return model
 
-    def save_checkpoint():
-        rngs = distributed.gather(rng_state())
-        if is_main:
-            path = checkpoint.save(cfg.output_dir, state["step"], raw_model.state_dict(), {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "progress": dict(state), "rng": rngs,
-                "config": config.to_dict(cfg), "world_size": world})
-            best = os.path.join(cfg.output_dir, f"{checkpoint.PREFIX}{state['best_step']:06d}") \
-                if state["best_step"] is not None else None
+    def _build_reporting(self):
+        cfg, dist = self.cfg, self.dist
+        run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
+        self.writer = reporting.Writer(os.path.join(cfg.output_dir, "runs", run_name) if dist.is_main else None)
+        self.peak = self._measure_peak()
+        self.meter = reporting.Meter(reporting.train_flops_per_token(self.raw_model), self.peak, self.state.speed,
+                                     reduce=self._sum_over_ranks)
+        log.info("model %s: %.1fM parameters; %s on %s x %d; %d steps (%d per epoch), warmup %d; peak %.0f GFLOP/s",
+                 self.raw_model.name_or_path, sum(p.numel() for p in self.raw_model.parameters()) / 1e6,
+                 self.precision, self.device.type, dist.world_size, self.total_steps,
+                 steps_per_epoch(self.batches_per_epoch, cfg.grad_accum), self.warmup_steps, self.peak / 1e9)
+
+    # ------------------------------------------------------------ the loop
+
+    def train(self):
+        """Micro-steps, one optimizer step per accumulation group, then what after_step() says: log,
+        evaluate, save. A stop signal saves a checkpoint and raises Preempted."""
+        cfg, state = self.cfg, self.state
+        if self.saved_rng is not None:  # restored last, once nothing else will draw from them
+            rng.set_state(self.saved_rng)
+        stop = StopRequest()
+        self.model.train()
+        self.loss_sum, self.norm_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        self.updates = 0  # optimizer steps since the last log
+        bar = reporting.progress(self.total_steps, state.step, self.dist.is_main)
+        t_start = time.perf_counter() - state.loop_seconds
+        try:
+            for epoch in range(state.epoch, cfg.epochs):
+                if state.finished(self.total_steps):
+                    break
+                first_batch = state.batches_done if epoch == state.epoch else 0
+                self.sampler.set_epoch(epoch)
+                self.sampler.skip(first_batch * cfg.batch_size)
+                for batch_idx, batch in enumerate(self.train_loader, start=first_batch):
+                    # the last accumulation group of an epoch may be short: scale by its real size
+                    group_start = batch_idx - batch_idx % cfg.grad_accum
+                    group_size = min(cfg.grad_accum, self.batches_per_epoch - group_start)
+                    is_update = batch_idx + 1 == group_start + group_size
+                    self._micro_step(batch, group_size, sync=is_update)
+                    if not is_update:
+                        continue
+                    self._optimizer_step()
+                    state.step, state.batches_done = state.step + 1, batch_idx + 1
+                    bar.update(1)
+                    stopping = self._any_rank(stop.signum is not None)
+                    todo = after_step(state.step, state.batches_done, self.batches_per_epoch, self.total_steps,
+                                      cfg.log_steps, cfg.eval_steps, cfg.save_steps, stopping)
+                    if todo.log:
+                        self._log(bar)
+                    if todo.epoch_done:
+                        state.epoch, state.batches_done = epoch + 1, 0
+                    state.loop_seconds = time.perf_counter() - t_start
+                    if todo.save:
+                        with self.meter.paused():  # evaluation and checkpoints are not training time
+                            state.speed = dict(self.meter.totals)
+                            if todo.evaluate:
+                                self._evaluate(epoch)
+                            self._save_checkpoint()
+                    if stopping:
+                        raise Preempted(stop.signum, state.step)
+                    if state.finished(self.total_steps):
+                        break
+        finally:
+            bar.close()
+
+    def _micro_step(self, batch: dict, group_size: int, sync: bool):
+        """Forward, loss and backward of one batch; under DDP the gradients are all-reduced only when `sync`
+        (the last micro-step of an accumulation group)."""
+        self.meter.add(batch)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "index"}
+        targets = batch.pop("labels")
+        no_sync = self.model.no_sync() if not sync and self.dist.world_size > 1 else nullcontext()
+        with no_sync:
+            with self.autocast():
+                logits = self.model(**batch).logits
+            # our own loss, not the model's: it takes the class weights
+            loss = F.cross_entropy(logits.float(), targets, weight=self.loss_weights) / group_size
+            self.scaler.scale(loss).backward()
+        self.loss_sum += loss.detach()
+
+    def _optimizer_step(self):
+        """Unscale, clip, step, update the loss scale, advance the schedule, clear the gradients."""
+        if self.cfg.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            self.norm_sum += optim.clip_grad_norm(self.raw_model.parameters(), self.cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+
+    def _log(self, bar):
+        """The interval's loss and gradient norm (mean over updates and ranks), learning rate and speed."""
+        totals = self._sum_over_ranks(np.array([self.loss_sum.item(), self.norm_sum.item(), self.updates,
+                                                *self.meter.counts()]))
+        speed = self.meter.lap(totals[3:])
+        logged = {"loss": totals[0] / max(totals[2], 1), "lr": self.scheduler.get_last_lr()[0], **speed}
+        if self.cfg.max_grad_norm:  # the norm before clipping
+            logged["grad_norm"] = totals[1] / max(totals[2], 1)
+        self.writer.scalars(logged, self.state.step, "train/")
+        bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}",
+                        samples_s=f"{speed['samples_per_s']:.1f}", pad=f"{speed['padding_fraction']:.1%}",
+                        mfu=f"{speed['mfu']:.2f}")
+        self.loss_sum.zero_()
+        self.norm_sum.zero_()
+        self.updates = 0
+
+    def _evaluate(self, epoch: int):
+        """Score the held-out set; log it; export best/ when it improved; decide on early stopping."""
+        cfg, state = self.cfg, self.state
+        result = evaluate(self.raw_model, self.held_out, len(self.labels), self.device, self.autocast)
+        m = result.metrics
+        record = {"epoch": epoch + 1, "step": state.step, **m}
+        state.evaluations.append(record)
+        log.info("eval epoch %d step %d: %s", epoch + 1, state.step, " ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        self.writer.scalars(m, state.step, "eval/")
+        # pictures on rank 0; each rank holds only its shard's predictions
+        shares = distributed.gather((result.indices, result.labels, result.probs))
+        visuals.log_evaluation(self.writer, state.step, result.confusion, self.labels.names, shares,
+                               self.eval_set.texts)
+        improved = metrics.better(cfg.metric_for_best, m[cfg.metric_for_best],
+                                  state.best and state.best[cfg.metric_for_best])
+        waited = 0 if improved else state.evals_without_improvement + 1
+        # rank 0 decides and every rank follows it, so that all ranks stop at the same step
+        improved, waited = distributed.broadcast((improved, waited))
+        state.evals_without_improvement = waited
+        if improved:
+            state.best, state.best_step = record, state.step
+            if self.dist.is_main:
+                checkpoint.export(self.raw_model, self.tokenizer, os.path.join(cfg.output_dir, "best"),
+                                  self.export_info)
+        elif cfg.early_stopping_patience and waited >= cfg.early_stopping_patience:
+            state.stopped = {
+                "step": state.step, "reason": "early_stopping",
+                "message": f"early stopping: {cfg.metric_for_best} has not improved for {waited} evaluations "
+                           f"(--early-stopping-patience {cfg.early_stopping_patience}); best "
+                           f"{state.best[cfg.metric_for_best]:.4f} at step {state.best_step}"}
+            log.info("%s", state.stopped["message"])
+        distributed.barrier()
+
+    def _save_checkpoint(self):
+        """Rank 0 writes the weights and the whole training state, with every rank's RNG states."""
+        cfg, state = self.cfg, self.state
+        rngs = distributed.gather(rng.get_state())
+        if self.dist.is_main:
+            path = checkpoint.save(cfg.output_dir, state.step, self.raw_model.state_dict(), {
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "train_state": state.state_dict(), "rng": rngs,
+                "config": config.to_dict(cfg), "world_size": self.dist.world_size})
+            best = checkpoint.path_for(cfg.output_dir, state.best_step) if state.best_step is not None else None
             checkpoint.rotate(cfg.output_dir, cfg.save_total_limit, protect=[best])
             log.info("saved checkpoint %s", path)
         distributed.barrier()
 
-    def run_evaluation(epoch: int) -> dict:  # the epoch's record: epoch, step and metrics
-        result = evaluate(raw_model, held_out, len(labels), device, autocast)
-        m = result.metrics
-        record = {"epoch": epoch + 1, "step": state["step"], **m}
-        state["epochs"].append(record)
-        log.info("eval epoch %d step %d: %s", epoch + 1, state["step"],
-                 " ".join(f"{k} {v:.4f}" for k, v in m.items()))
-        writer.scalars(m, state["step"], "eval/")
-        # pictures on rank 0; each rank holds only its shard's predictions
-        shares = distributed.gather((result.indices, result.labels, result.probs))
-        visuals.log_evaluation(writer, state["step"], result.confusion, labels.names, shares, eval_set.texts)
-        improved = metrics.better(cfg.metric_for_best, m[cfg.metric_for_best],
-                                  state["best"] and state["best"][cfg.metric_for_best])
-        waited = 0 if improved else state["evals_without_improvement"] + 1
-        # rank 0 decides and every rank follows it, so that all ranks stop at the same step
-        improved, waited = distributed.broadcast((improved, waited))
-        state["evals_without_improvement"] = waited
-        if improved:
-            state["best"], state["best_step"] = record, state["step"]
-            if is_main:
-                checkpoint.export(raw_model, tokenizer, os.path.join(cfg.output_dir, "best"), export_info)
-        elif cfg.early_stopping_patience and waited >= cfg.early_stopping_patience:
-            state["stopped"] = {
-                "step": state["step"], "reason": "early_stopping",
-                "message": f"early stopping: {cfg.metric_for_best} has not improved for {waited} evaluations "
-                           f"(--early-stopping-patience {cfg.early_stopping_patience}); best "
-                           f"{state['best'][cfg.metric_for_best]:.4f} at step {state['best_step']}"}
-            log.info("%s", state["stopped"]["message"])
+    def _sum_over_ranks(self, values: np.ndarray) -> np.ndarray:
+        return distributed.all_reduce_sum(values, self.device)
+
+    def _any_rank(self, flag: bool) -> bool:
+        return distributed.any_rank(flag, self.device) if self.dist.world_size > 1 else flag
+
+    def _measure_peak(self) -> float:
+        """The job's matmul peak: each rank's, summed."""
+        return float(self._sum_over_ranks(np.array([reporting.matmul_peak_flops(self.device, self.precision)]))[0])
+
+    # ------------------------------------------------------------ the end
+
+    def finish(self):
+        """Why the run stopped, its speed, last/ (the weights the final evaluation measured) and results.json."""
+        cfg, state = self.cfg, self.state
+        if state.stopped is None:
+            capped = self.total_steps < self.planned_steps
+            state.stopped = {"step": state.step, "reason": "max_steps" if capped else "epochs",
+                             "message": f"--max-steps {cfg.max_steps} reached" if capped
+                             else f"all {cfg.epochs} epochs done"}
+        # a shared machine's peak drifts: the run's MFU is judged against the mean of probes before and after it
+        self.meter.peak = (self.peak + self._measure_peak()) / 2
+        speed = self.meter.overall()
+        if self.dist.is_main:
+            checkpoint.export(self.raw_model, self.tokenizer, os.path.join(cfg.output_dir, "last"), self.export_info)
+            checkpoint.write_json(os.path.join(cfg.output_dir, "results.json"), self._results(speed))
+            final_metrics = {k: v for k, v in (state.final or {}).items() if k not in ("epoch", "step")}
+            if state.best:
+                final_metrics[f"best_{cfg.metric_for_best}"] = state.best[cfg.metric_for_best]
+            self.writer.hparams({**config.to_dict(cfg), "world_size": self.dist.world_size,
+                                 "precision_used": self.precision, "num_labels": len(self.labels)},
+                                final_metrics, state.step)
+            log.info("done: best %s %.4f at step %s; outputs in %s", cfg.metric_for_best,
+                     state.best[cfg.metric_for_best], state.best_step, cfg.output_dir)
         distributed.barrier()
-        return record
 
-    # -- the loop; RNG states restored last, once nothing else will draw from them
-    if resume_from and saved["world_size"] == world:
-        set_rng_state(saved["rng"][dist.rank])
-    stop = StopRequest()
-    model.train()
-    meter = reporting.Meter(flops_per_token, peak, state["speed"])
-    bar = reporting.progress(total_steps, state["step"], is_main)
-    loss_sum, norm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-    loss_count = 0
-    final = state["epochs"][-1] if state["epochs"] and (state["step"] >= total_steps or state["stopped"]) else None
-    t_start = time.perf_counter() - state["loop_seconds"]
-    for epoch in range(state["epoch"], cfg.epochs):
-        if state["step"] >= total_steps or state["stopped"]:
-            break
-        sampler.set_epoch(epoch)
-        first_batch = state["batches_done"] if epoch == state["epoch"] else 0
-        sampler.skip(first_batch * cfg.batch_size)
-        for batch_idx, batch in enumerate(train_loader, start=first_batch):
-            # the last accumulation group of an epoch may be short: scale by its real size
-            group_start = batch_idx - batch_idx % cfg.grad_accum
-            group_size = min(cfg.grad_accum, batches_per_epoch - group_start)
-            is_update = batch_idx + 1 == group_start + group_size
-            meter.add(batch)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "index"}
-            targets = batch.pop("labels")
-            # between updates, skip DDP's gradient all-reduce: the last micro-step syncs them all
-            sync = nullcontext() if is_update or world == 1 else model.no_sync()
-            with sync:
-                with autocast():
-                    logits = model(**batch).logits
-                # our own loss, not the model's: it takes the class weights
-                loss = F.cross_entropy(logits.float(), targets, weight=loss_weights) / group_size
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-            if not is_update:
-                continue
-
-            if cfg.max_grad_norm:
-                scaler.unscale_(optimizer)
-                norm_sum += optim.clip_grad_norm(raw_model.parameters(), cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["batches_done"] = batch_idx + 1
-            loss_count += 1
-            bar.update(1)
-
-            if state["step"] % cfg.log_steps == 0 or state["step"] == total_steps:
-                totals = distributed.all_reduce_sum(
-                    np.array([loss_sum.item(), norm_sum.item(), loss_count, *meter.counts()]), device)
-                speed = meter.lap(totals[3:])
-                logged = {"loss": totals[0] / max(totals[2], 1), "lr": scheduler.get_last_lr()[0], **speed}
-                if cfg.max_grad_norm:  # the norm before clipping, mean over the interval's updates
-                    logged["grad_norm"] = totals[1] / max(totals[2], 1)
-                writer.scalars(logged, state["step"], "train/")
-                bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}",
-                                samples_s=f"{speed['samples_per_s']:.1f}", pad=f"{speed['padding_fraction']:.1%}",
-                                mfu=f"{speed['mfu']:.2f}")
-                loss_sum.zero_()
-                norm_sum.zero_()
-                loss_count = 0
-
-            stopping = distributed.any_rank(stop.signum is not None, device) if world > 1 else stop.signum is not None
-            epoch_done = state["batches_done"] == batches_per_epoch
-            if epoch_done:
-                state["epoch"], state["batches_done"] = epoch + 1, 0
-            state["loop_seconds"] = time.perf_counter() - t_start
-            evaluating = state["step"] >= total_steps or epoch_done or bool(
-                cfg.eval_steps and state["step"] % cfg.eval_steps == 0)
-            saving = evaluating or stopping or (cfg.save_steps and state["step"] % cfg.save_steps == 0)
-            if saving:  # evaluation and checkpoints are not training time
-                meter.lap(distributed.all_reduce_sum(np.array(meter.counts()), device))
-                state["speed"] = dict(meter.totals)
-            if evaluating:
-                final = run_evaluation(epoch)
-            if saving:
-                save_checkpoint()
-                meter.restart()
-            if stopping:
-                bar.close()
-                name = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another rank"
-                log.warning("stopped by %s at step %d: checkpoint saved; continue with --resume auto",
-                            name, state["step"])
-                writer.close()
-                sys.exit(128 + (stop.signum or signal.SIGTERM))
-            if state["step"] >= total_steps or state["stopped"]:
-                break
-    bar.close()
-    if state["stopped"] is None:
-        planned = cfg.epochs * updates_per_epoch
-        state["stopped"] = {"step": state["step"], "reason": "max_steps" if total_steps < planned else "epochs",
-                            "message": f"--max-steps {cfg.max_steps} reached" if total_steps < planned
-                            else f"all {cfg.epochs} epochs done"}
-    # a shared machine's peak drifts: the run's MFU is judged against the mean of probes before and after it
-    meter.peak = (peak + measure_peak()) / 2
-    speed = meter.overall()
-
-    # -- outputs: last/ is the weights `final` measured; best/ was written when it was best
-    if is_main:
-        checkpoint.export(raw_model, tokenizer, os.path.join(cfg.output_dir, "last"), export_info)
-        results = {
-            "best": state["best"], "final": final, "epochs": state["epochs"],
-            "best_step": state["best_step"], "steps": state["step"], "world_size": world,
-            "precision": precision, "labels": labels.names, "stopped": state["stopped"],
-            "class_weights": dict(zip(labels.names, class_weights.tolist())) if class_weights is not None else None,
-            "train_seconds": meter.totals["seconds"],  # the training steps alone
-            "loop_seconds": state["loop_seconds"],  # with evaluations and checkpoints
+    def _results(self, speed: dict) -> dict:
+        state = self.state
+        weights = self.class_weights
+        return {
+            "best": state.best, "final": state.final, "evaluations": state.evaluations,
+            "best_step": state.best_step, "steps": state.step, "world_size": self.dist.world_size,
+            "precision": self.precision, "labels": self.labels.names, "stopped": state.stopped,
+            "class_weights": dict(zip(self.labels.names, weights.tolist())) if weights is not None else None,
+            "speedups": self.speedups,
+            "train_seconds": self.meter.totals["seconds"],  # the training steps alone
+            "loop_seconds": state.loop_seconds,  # with evaluations and checkpoints
             "train_samples_per_s": speed["samples_per_s"],
             "train_tokens_per_s": speed["tokens_per_s"],
             "padding_fraction": speed["padding_fraction"],
-            "mfu": speed["mfu"], "peak_flops": meter.peak,
-            "config": config.to_dict(cfg),
+            "mfu": speed["mfu"], "peak_flops": self.meter.peak,
+            "config": config.to_dict(self.cfg),
         }
-        _write_json(os.path.join(cfg.output_dir, "results.json"), results)
-        final_metrics = {k: v for k, v in (final or {}).items() if k not in ("epoch", "step")}
-        if state["best"]:
-            final_metrics[f"best_{cfg.metric_for_best}"] = state["best"][cfg.metric_for_best]
-        writer.hparams({**config.to_dict(cfg), "world_size": world, "precision_used": precision,
-                        "num_labels": len(labels)}, final_metrics, state["step"])
-        writer.close()
-        log.info("done: best %s %.4f at step %s; outputs in %s", cfg.metric_for_best,
-                 state["best"][cfg.metric_for_best], state["best_step"], cfg.output_dir)
-    distributed.barrier()
 
 
-def _warn_if_changed(saved: dict, current: dict, saved_world: int, world: int):
-    changed = [k for k in TRAJECTORY_KEYS if saved.get(k) != current.get(k)]
+def warn_if_changed(saved: dict, current: dict, saved_world: int, world: int):
+    changed = [k for k in config.trajectory_keys() if saved.get(k) != current.get(k)]
     if changed:
         log.warning("resuming with settings that differ from the checkpoint's: %s: not the same run as before",
                     ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in changed))
     if saved_world != world:
         log.warning("resuming on %d processes a run saved on %d: data order and RNG streams differ from an "
                     "unbroken run", world, saved_world)
-
-
-def _write_json(path: str, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ import os
 import pytest
 import torch
 
-from bert_finetune import modeling
+from bert_finetune import speedups
 from conftest import build_tiny_model, run_train, train_args
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
 def test_drop_rate_and_scale(p):
     torch.manual_seed(0)
-    drop = modeling.FastDropout(p).train()
+    drop = speedups.FastDropout(p).train()
     x = torch.ones(400, 1000)
     y = drop(x)
     dropped = (y == 0).float().mean().item()
@@ -27,7 +27,7 @@ def test_drop_rate_and_scale(p):
 
 
 def test_reproducible_from_the_seed_and_different_between_calls():
-    drop = modeling.FastDropout(0.1).train()
+    drop = speedups.FastDropout(0.1).train()
     x = torch.randn(64, 128)
     torch.manual_seed(1)
     a, b = drop(x), drop(x)
@@ -38,14 +38,14 @@ def test_reproducible_from_the_seed_and_different_between_calls():
 
 def test_identity_in_eval_mode_and_at_p_zero():
     x = torch.randn(8, 16)
-    assert torch.equal(modeling.FastDropout(0.5).eval()(x), x)
-    assert torch.equal(modeling.FastDropout(0.0).train()(x), x)
+    assert torch.equal(speedups.FastDropout(0.5).eval()(x), x)
+    assert torch.equal(speedups.FastDropout(0.0).train()(x), x)
 
 
 def test_gradient_is_the_mask():
     torch.manual_seed(0)
     x = torch.randn(32, 64, requires_grad=True)
-    drop = modeling.FastDropout(0.25).train()
+    drop = speedups.FastDropout(0.25).train()
     y = drop(x)
     y.sum().backward()
     assert torch.equal(x.grad, (y != 0).float().mul_(drop.scale))
@@ -64,8 +64,8 @@ def test_swapped_model_computes_the_same_function(tmp_path):
     kw = dict(hidden_dropout_prob=1e-9, attention_probs_dropout_prob=1e-9)
     reference = AutoModelForSequenceClassification.from_pretrained(path, **kw).eval()
     model = AutoModelForSequenceClassification.from_pretrained(path, **kw)
-    assert modeling.use_fast_dropout(model) > 0
-    assert model.config._attn_implementation == modeling.FAST_DROPOUT_ATTENTION
+    assert speedups.use_fast_dropout(model) > 0
+    assert model.config._attn_implementation == speedups.FAST_DROPOUT_ATTENTION
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
     ids, mask = _batch()
     model.train()
@@ -80,7 +80,7 @@ def test_attention_dropout_is_applied(tmp_path):
     path = build_tiny_model(str(tmp_path / "m"))
     model = AutoModelForSequenceClassification.from_pretrained(path, hidden_dropout_prob=0.0,
                                                                attention_probs_dropout_prob=0.5)
-    modeling.use_fast_dropout(model)
+    speedups.use_fast_dropout(model)
     ids, mask = _batch()
     model.train()
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_exported_model_loads_without_this_package(tiny_model, make_csv, tmp_pat
     out = tmp_path / "run"
     run_train(train_args(tiny_model, make_csv(n=48), out, "--epochs", "1"))
     with open(os.path.join(out, "best", "config.json")) as f:
-        assert modeling.FAST_DROPOUT_ATTENTION not in json.dumps(json.load(f))
+        assert speedups.FAST_DROPOUT_ATTENTION not in json.dumps(json.load(f))
     model = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "best"))
     assert model.config._attn_implementation == "sdpa"
 
@@ -114,8 +114,8 @@ def _pair(path, **kw):
 
 def test_first_token_last_layer_gives_the_same_logits_and_gradients(tmp_path):
     reference, model = _pair(build_tiny_model(str(tmp_path / "m"), num_labels=3))
-    modeling.use_fast_dropout(model)
-    assert modeling.train_last_layer_on_first_token(model)
+    speedups.use_fast_dropout(model)
+    assert speedups.train_last_layer_on_first_token(model)
     ids, mask = _batch()
     labels = torch.tensor([0, 2, 1])
     for m in (reference, model):
@@ -141,6 +141,78 @@ def test_first_token_last_layer_only_where_it_is_exact(tmp_path):
     from transformers import AutoModelForTokenClassification
     path = build_tiny_model(str(tmp_path / "m"))
     _, eager = _pair(path, attn_implementation="eager")
-    assert not modeling.train_last_layer_on_first_token(eager)
+    assert not speedups.train_last_layer_on_first_token(eager)
     # a token classifier reads every position
-    assert not modeling.train_last_layer_on_first_token(AutoModelForTokenClassification.from_pretrained(path))
+    assert not speedups.train_last_layer_on_first_token(AutoModelForTokenClassification.from_pretrained(path))
+
+
+def _first_batch():
+    ids, mask = _batch()
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_self_check_keeps_speedups_that_compute_the_same_and_draws_no_random_numbers(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(build_tiny_model(str(tmp_path / "m")))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    kept = speedups.enable(model, _first_batch(), [speedups.FAST_CPU_DROPOUT, speedups.FIRST_TOKEN_LAST_LAYER])
+    assert kept == ["fast CPU dropout", "last layer at the first token"]
+    assert torch.equal(torch.get_rng_state(), before)  # exact resume: the check leaves the RNG where it was
+    assert any(isinstance(m, speedups.FastDropout) for m in model.modules())
+    assert all(m.p == 0.1 for m in model.modules() if isinstance(m, speedups.FastDropout))  # rates restored
+
+
+def test_self_check_switches_off_a_broken_patch(tmp_path, monkeypatch, caplog):
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(build_tiny_model(str(tmp_path / "m")))
+    ids, mask = _batch()
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    broken = speedups._first_token_layer
+    monkeypatch.setattr(speedups, "_first_token_layer", lambda *a, **k: broken(*a, **k) * 1.5)
+    with caplog.at_level("WARNING", logger="bert_finetune"):
+        kept = speedups.enable(model, _first_batch(), [speedups.FAST_CPU_DROPOUT, speedups.FIRST_TOKEN_LAST_LAYER])
+    assert kept == ["fast CPU dropout"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "'last layer at the first token' switched off" in warnings[0]
+    # undone: training mode runs the last layer whole again
+    model.train()
+    assert model.bert(input_ids=ids, attention_mask=mask).last_hidden_state.shape[1] == ids.shape[1]
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, want)
+
+
+def test_self_check_catches_a_head_that_reads_more_than_the_first_token(tmp_path, caplog):
+    """A model that passes the name test but pools every position: the shortcut would change its output."""
+    import transformers
+
+    class BertForSequenceClassification(transformers.BertForSequenceClassification):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            pooled = (hidden * attention_mask[..., None]).sum(1) / attention_mask.sum(1, keepdim=True)
+            return transformers.modeling_outputs.SequenceClassifierOutput(logits=self.classifier(pooled))
+
+    model = BertForSequenceClassification.from_pretrained(build_tiny_model(str(tmp_path / "m")))
+    with caplog.at_level("WARNING", logger="bert_finetune"):
+        assert speedups.enable(model, _first_batch(), [speedups.FIRST_TOKEN_LAST_LAYER]) == []
+    assert "switched off" in caplog.text
+
+
+def test_a_run_with_a_broken_speedup_trains_like_one_without_it(tiny_model, make_csv, tmp_path, monkeypatch):
+    """End to end: the check fires in a real run, says so, and the run is the unpatched model's, bitwise."""
+    from safetensors.torch import load_file
+    csv = make_csv(n=64)
+    common = ("--epochs", "1", "--eval-split", "0.25")
+    monkeypatch.setattr(speedups, "FIRST_TOKEN_LAST_LAYER", speedups.SpeedUp("last layer at the first token",
+                                                                             lambda m: False, lambda m: None))
+    plain = run_train(train_args(tiny_model, csv, tmp_path / "plain", *common))
+    monkeypatch.undo()
+    broken = speedups._first_token_layer
+    monkeypatch.setattr(speedups, "_first_token_layer", lambda *a, **k: broken(*a, **k) + 1.0)
+    checked = run_train(train_args(tiny_model, csv, tmp_path / "checked", *common))
+    assert plain["speedups"] == checked["speedups"] == ["fast CPU dropout"]
+    a, b = (load_file(tmp_path / d / "last" / "model.safetensors") for d in ("plain", "checked"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -29,12 +29,13 @@ def test_two_processes_metrics_equal_sklearn_and_single_process(tiny_model, make
 
 
 def evaluate_in_one_process(model_dir, csv):
-    from bert_finetune import data, distributed, modeling
-    from bert_finetune.evaluate import eval_loader, evaluate
-    tok = modeling.load_tokenizer(str(model_dir))
-    model = modeling.load_classifier(str(model_dir), modeling.load_config(str(model_dir)))
-    labels = data.LabelMap.from_config(model.config)
+    import torch
+    from bert_finetune import Predictor, data, inference
+    from bert_finetune.evaluate import evaluate
+    cpu = torch.device("cpu")
+    trained = Predictor(str(model_dir), device=cpu)
     table = data.read_table(csv, "review", "label")
-    ds = data.EncodedDataset(data.tokenize(tok, table.text.tolist(), 32), labels.encode(table, csv))
-    loader = eval_loader(ds, 16, distributed.Dist(), data.Collator(tok.pad_token_id))
-    return evaluate(model, loader, len(labels), distributed.Dist().device).metrics
+    ids, _ = trained.tokenize(table.text.tolist())
+    ds = data.EncodedDataset(ids, trained.labels.encode(table, csv))
+    loader = inference.length_sorted_loader(ds, 16, inference.collator(trained.tokenizer, cpu), cpu)
+    return evaluate(trained.model, loader, len(trained.labels), cpu).metrics

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import FILLER, NEGATIVE, POSITIVE, python_m, run_train, synthetic_rows, torchrun, train_args, write_csv
 
-from bert_finetune import data, modeling, optim
+from bert_finetune import checkpoint, data, modeling, optim
 from bert_finetune.errors import UserError
 
 
@@ -86,7 +86,8 @@ def test_head_tail_learns_the_end_and_predict_applies_it(tiny_model, tmp_path):
     assert saved["truncation"] == "head_tail" and saved["head_tokens"] == 8
     predictor = Predictor(str(tmp_path / "ht" / "best"))
     texts = pd.read_csv(held)["review"].tolist()
-    ids, _, truncated = predictor.encode(texts)
+    ids, _ = predictor.tokenize(texts)
+    truncated = predictor.truncated(ids, texts)
     expected = data.tokenize(predictor.tokenizer, texts, 32, "head_tail", 8)
     assert [x.tolist() for x in ids] == [x.tolist() for x in expected]
     assert truncated.all()
@@ -193,7 +194,7 @@ def test_text_pair_run_trains_and_predicts(tiny_model, tmp_path, capsys):
 
     r = run_train(train_args(tiny_model, train, tmp_path / "o", "--eval-file", held, "--epochs", 3,
                              "--text-pair-column", "hypothesis"))
-    assert r["best"]["accuracy"] > 0.9, r["epochs"]  # chance is 0.5: the pair was read
+    assert r["best"]["accuracy"] > 0.9, r["evaluations"]  # chance is 0.5: the pair was read
     best = tmp_path / "o" / "best"
     assert json.load(open(best / "bert_finetune.json"))["text_pair_column"] == "hypothesis"
     df = pd.read_csv(held)
@@ -232,13 +233,13 @@ def test_early_stopping_under_two_processes_stops_both_ranks_at_one_step(tiny_mo
     assert r["world_size"] == 2 and r["steps"] == 6  # of 5 x 20 planned
     assert r["stopped"]["step"] == 6 and r["stopped"]["reason"] == "early_stopping"
     assert "has not improved for 2 evaluations" in r["stopped"]["message"]
-    assert [e["step"] for e in r["epochs"]] == [2, 4, 6] and r["best_step"] == 2
+    assert [e["step"] for e in r["evaluations"]] == [2, 4, 6] and r["best_step"] == 2
     assert "early stopping: accuracy has not improved for 2 evaluations" in p.stdout
     # the last checkpoint was written at step 6 with both ranks' RNG states: both ranks were there
     newest = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-step"))[-1]
     assert newest == "checkpoint-step000006"
     state = torch.load(out / newest / "training_state.pt", weights_only=True)
-    assert len(state["rng"]) == 2 and state["progress"]["evals_without_improvement"] == 2
+    assert len(state["rng"]) == 2 and state["train_state"]["evals_without_improvement"] == 2
     assert os.path.isfile(out / "best" / "model.safetensors") and os.path.isfile(out / "last" / "model.safetensors")
 
 
@@ -249,19 +250,26 @@ def test_early_stopping_resumes_bitwise_with_its_patience_counter(tiny_model, ma
             "--save-total-limit", 1000, "--seed", 3, "--lr", 0.02)
     straight = tmp_path / "straight"
     r = run_train(train_args(tiny_model, csv, straight, *args))
-    assert r["stopped"]["reason"] == "early_stopping" and r["steps"] < 6 * 20, r["epochs"]
-    losses = [e["loss"] for e in r["epochs"]]
+    assert r["stopped"]["reason"] == "early_stopping" and r["steps"] < 6 * 20, r["evaluations"]
+    losses = [e["loss"] for e in r["evaluations"]]
     assert r["best"]["loss"] == min(losses) and losses[-1] > r["best"]["loss"] and losses[-2] > r["best"]["loss"]
     assert r["best_step"] == r["best"]["step"]
     # resume from the checkpoint of the evaluation before the stop: the counter (1) comes back with it
     resumed = tmp_path / "resumed"
     os.makedirs(resumed)
-    before = f"checkpoint-step{r['epochs'][-2]['step']:06d}"
+    before = f"checkpoint-step{r['evaluations'][-2]['step']:06d}"
     shutil.copytree(straight / before, resumed / before)
-    assert torch.load(resumed / before / "training_state.pt", weights_only=True)["progress"][
-        "evals_without_improvement"] == 1
+    saved = torch.load(resumed / before / "training_state.pt", weights_only=True)
+    assert saved["train_state"]["evals_without_improvement"] == 1
+    # written as checkpoints were before TrainState (its dict under "progress", the evaluations under "epochs"):
+    # it still resumes exactly
+    progress = saved.pop("train_state")
+    saved["progress"] = {**progress, "epochs": progress.pop("evaluations")}
+    torch.save(saved, resumed / before / "training_state.pt")
+    with open(resumed / before / "manifest.json", "w") as f:
+        json.dump(checkpoint._manifest(str(resumed / before)), f)
     again = run_train(train_args(tiny_model, csv, resumed, *args, "--resume", "auto"))
-    assert again["stopped"] == r["stopped"] and again["epochs"] == r["epochs"]
+    assert again["stopped"] == r["stopped"] and again["evaluations"] == r["evaluations"]
     a, b = load_file(straight / "last" / "model.safetensors"), load_file(resumed / "last" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

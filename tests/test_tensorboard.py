@@ -32,7 +32,7 @@ def read_run(out):
 
 def check_pictures(out, held_size: int):
     r = json.load(open(out / "results.json"))
-    eval_steps = [e["step"] for e in r["epochs"]]
+    eval_steps = [e["step"] for e in r["evaluations"]]
     acc = read_run(out)
 
     # the confusion matrix as a PNG image at every evaluation
@@ -90,7 +90,7 @@ def test_tensorboard_reader_finds_image_pr_curves_text_and_hparams(setup):
     out = root / "single"
     run_train(train_args(model, train, out, "--eval-file", held, "--epochs", 2, "--run-name", "tb"))
     r = check_pictures(out, 47)
-    assert len(r["epochs"]) == 2
+    assert len(r["evaluations"]) == 2
 
 
 def test_under_torchrun_the_pictures_cover_every_rank(setup):

@@ -24,8 +24,8 @@ def transformers_predictions(model_dir, texts, max_length=32):
 def test_tiny_model_learns_and_writes_every_output(tiny_model, make_csv, tmp_path):
     out = tmp_path / "out"
     r = run_train(train_args(tiny_model, make_csv(n=400), out, "--epochs", 3, "--save-total-limit", 2))
-    assert r["best"]["accuracy"] > 0.9, r["epochs"]  # chance is 0.5
-    assert r["world_size"] == 1 and len(r["epochs"]) == 3
+    assert r["best"]["accuracy"] > 0.9, r["evaluations"]  # chance is 0.5
+    assert r["world_size"] == 1 and len(r["evaluations"]) == 3
     assert r["train_samples_per_s"] > 0 and r["train_tokens_per_s"] > r["train_samples_per_s"]
     for d in ("best", "last"):
         assert os.path.isfile(out / d / "model.safetensors") and os.path.isfile(out / d / "tokenizer_config.json")
@@ -53,8 +53,8 @@ def test_final_metrics_equal_sklearn_on_transformers_predictions(tiny_model, mak
 def test_best_is_the_best_epoch_and_last_the_final_weights(tiny_model, make_csv, tmp_path):
     out = tmp_path / "out"
     r = run_train(train_args(tiny_model, make_csv(n=200), out, "--epochs", 3, "--metric-for-best", "loss"))
-    losses = [e["loss"] for e in r["epochs"]]
-    assert r["best"]["loss"] == min(losses) and r["final"] == r["epochs"][-1]
+    losses = [e["loss"] for e in r["evaluations"]]
+    assert r["best"]["loss"] == min(losses) and r["final"] == r["evaluations"][-1]
     best, last = load_file(out / "best" / "model.safetensors"), load_file(out / "last" / "model.safetensors")
     same = all(torch.equal(best[k], last[k]) for k in best)
     assert same == (r["best"]["step"] == r["final"]["step"])
