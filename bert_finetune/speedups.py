@@ -98,8 +98,12 @@ def use_fast_dropout(model: torch.nn.Module) -> int:
 
 def undo_fast_dropout(model: torch.nn.Module):
     _swap(model, FastDropout, torch.nn.Dropout)
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) == FAST_DROPOUT_ATTENTION:
+    if _attention_swapped(model):
         model.set_attn_implementation("sdpa")
+
+
+def _attention_swapped(model) -> bool:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == FAST_DROPOUT_ATTENTION
 
 
 def _swap(model, old: type, new: type) -> int:
@@ -189,7 +193,8 @@ class SpeedUp:
     undo: Callable  # (model) -> None: the model as it was
 
 
-FAST_CPU_DROPOUT = SpeedUp("fast CPU dropout", lambda m: use_fast_dropout(m) > 0, undo_fast_dropout)
+FAST_CPU_DROPOUT = SpeedUp("fast CPU dropout", lambda m: use_fast_dropout(m) > 0 or _attention_swapped(m),
+                           undo_fast_dropout)
 FIRST_TOKEN_LAST_LAYER = SpeedUp("last layer at the first token", train_last_layer_on_first_token, undo_first_token)
 # a dropout rate that takes FastDropout's code paths yet drops nothing (below 1/65536)
 _NO_DROP = 1e-9

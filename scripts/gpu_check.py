@@ -6,7 +6,7 @@ table at the end.
 
 The model is BERT-base-sized (12 layers, hidden 768) with random weights and a WordPiece vocabulary: the
 embedded MiniLM's vocab.txt when that package is installed, else --vocab. The data is synthetic, texts of
-90-126 words whose label is told by a cue word, so that sequences are near --max-length 128 and a model
+87-123 words whose label is told by a cue word, so that sequences are near --max-length 128 and a model
 with random weights learns it within an epoch. It needs torch, transformers, numpy, pandas and this
 project on PYTHONPATH; no network and no files but the vocabulary.
 """
@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -50,8 +49,9 @@ def synthetic_csv(path: str, words: list, n: int, seed: int):
     rows = []
     for i in range(n):
         label = ("negative", "positive")[i % 2]
-        text = [rng.choice(words) for _ in range(rng.randint(90, 126))]
-        text.insert(rng.randrange(len(text)), rng.choice(CUES[label]))
+        text = [rng.choice(words) for _ in range(rng.randint(87, 123))]
+        for _ in range(3):  # a model with random weights finds the cue within an epoch
+            text.insert(rng.randrange(len(text)), rng.choice(CUES[label]))
         rows.append({"label": label, "review": " ".join(text)})
     pd.DataFrame(rows).to_csv(path, index=False)
 
@@ -79,11 +79,13 @@ def hf_trainer(model_dir: str, train_csv: str, eval_csv: str, args, out: str, pe
                 for x, m, y in zip(enc["input_ids"], enc["attention_mask"], df.label)]
     train, held = encode(train_csv), encode(eval_csv)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch_size,
-                              per_device_eval_batch_size=64, num_train_epochs=1, learning_rate=args.lr,
-                              warmup_steps=int(0.1 * len(train) / args.batch_size), bf16=True,
-                              group_by_length=True, save_strategy="no", report_to=[], logging_steps=50,
-                              dataloader_num_workers=0, seed=42)
+    kwargs = dict(output_dir=out, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
+                  num_train_epochs=1, learning_rate=args.lr, warmup_steps=int(0.1 * len(train) / args.batch_size),
+                  bf16=True, save_strategy="no", report_to=[], logging_steps=50, dataloader_num_workers=0, seed=42)
+    try:  # transformers 5 names it train_sampling_strategy; 4.x had group_by_length=True
+        targs = TrainingArguments(**kwargs, train_sampling_strategy="group_by_length")
+    except TypeError:
+        targs = TrainingArguments(**kwargs, group_by_length=True)
     trainer = Trainer(model=model, args=targs, train_dataset=train, eval_dataset=held,
                       data_collator=DataCollatorWithPadding(tok))
     t0 = time.perf_counter()
@@ -104,7 +106,7 @@ def main():
     parser.add_argument("--rows", type=int, default=20000, help="training rows (held-out: a tenth)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--workdir", default="gpu-check")
     parser.add_argument("--skip", nargs="*", default=[], help="rows to leave out: fp16 compile trainer")
     args = parser.parse_args()
