@@ -13,4 +13,5 @@ nproc=$1; shift
 export BERT_FINETUNE_OMP_NUM_THREADS=${OMP_NUM_THREADS:-}
 standalone=(--standalone)
 [[ -n ${PET_NNODES:-} ]] && standalone=()
-exec torchrun "${standalone[@]}" --nproc-per-node "$nproc" -m bert_finetune.train "$@"
+# ${a[@]+"${a[@]}"}: an empty array under set -u is an error in bash before 4.4 (older clusters' multi-node case)
+exec torchrun ${standalone[@]+"${standalone[@]}"} --nproc-per-node "$nproc" -m bert_finetune.train "$@"

@@ -192,12 +192,15 @@ def _truncate_inside(ids: np.ndarray, special: np.ndarray, max_length: int, mode
 def tokenize(tokenizer, texts, max_length: int, truncation: str = "head", head_tokens: int = 0, batch: int = 2048):
     """Token ids per text, at most max_length with the special tokens, unpadded (padding happens per batch).
 
-    head is the tokenizer's own truncation; tail and head_tail tokenize the whole text and cut it with truncate().
+    head is the tokenizer's own truncation where it cuts on the right; otherwise, and for tail and head_tail, the
+    whole text is tokenized and cut with truncate().
     """
     ids = []
+    # the tokenizer's own truncation cuts on its truncation_side, which some tokenizers ship as "left"
+    own_cut = truncation == "head" and getattr(tokenizer, "truncation_side", "right") == "right"
     for start in range(0, len(texts), batch):
         chunk = list(texts[start:start + batch])
-        if truncation == "head":
+        if own_cut:
             enc = tokenizer(chunk, truncation=True, max_length=max_length,
                             return_attention_mask=False, return_token_type_ids=False)
             ids.extend(np.asarray(x, dtype=np.int32) for x in enc["input_ids"])
@@ -235,8 +238,18 @@ def encode_texts(tokenizer, texts, max_length: int, pairs=None, truncation: str 
     return tokenize(tokenizer, texts, max_length, truncation, head_tokens), None
 
 
+# bump whenever this module's tokenization changes what it returns: cached ids of older code are then not read
+TOKENIZATION_VERSION = 2
+# init settings that name where a tokenizer came from, not how it maps text
+_WHERE_FROM = ("name_or_path", "tokenizer_file", "vocab_file", "merges_file", "special_tokens_map_file")
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Changes whenever the tokenizer would map some text differently (vocab, normalizer, class)."""
+    """Changes whenever the tokenizer would map some text differently: vocab, normalizer, class, init
+    settings (e.g. do_lower_case), truncation side, and the versions of transformers, tokenizers and this
+    module's tokenization."""
+    import tokenizers
+    import transformers
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
@@ -244,7 +257,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
         spec = json.dumps(spec, sort_keys=True)
     else:
         spec = repr(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{type(tokenizer).__name__}|{spec}".encode()).hexdigest()
+    settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items() if k not in _WHERE_FROM}
+    about = (f"{type(tokenizer).__name__}|{spec}|{sorted((k, repr(v)) for k, v in settings.items())}|"
+             f"side={getattr(tokenizer, 'truncation_side', 'right')}|transformers={transformers.__version__}|"
+             f"tokenizers={tokenizers.__version__}|code={TOKENIZATION_VERSION}")
+    return hashlib.sha256(about.encode()).hexdigest()
 
 
 def tokenize_cached(tokenizer, texts, max_length: int, cache_dir: str, truncation: str = "head",
@@ -328,13 +345,17 @@ class EncodedDataset(Dataset):
 
 @dataclass
 class Collator:
-    """Pads each batch to its own longest example (rounded up to a multiple, 8 suits tensor cores)."""
+    """Pads each batch to its own longest example, rounded up to a multiple (8 suits tensor cores) but never
+    past the model's position limit."""
     pad_id: int
     multiple: int = 1
+    limit: int | None = None  # the model's position limit
 
     def __call__(self, items):
         longest = max(len(x["input_ids"]) for x in items)
         width = -(-longest // self.multiple) * self.multiple
+        if self.limit:
+            width = max(longest, min(width, self.limit))
         input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
         pairs = "token_type_ids" in items[0]

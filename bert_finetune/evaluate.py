@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, data, distributed, inference, metrics, reporting, visuals
+from .config import CHOICES
 from .errors import ArgumentParser, UserError, cli
 
 log = logging.getLogger("bert_finetune")
+PRECISIONS = CHOICES["precision"]
 
 
 @dataclass
@@ -118,6 +120,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
     parser.add_argument("--max-length", type=int, help="default: the length the model was trained with")
     parser.add_argument("--limit", type=int, default=0, help="only the first N rows (0 = all)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto (default): bf16 or fp16 autocast on CUDA as in training, fp32 on CPU")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait (torchrun)")
     args = parser.parse_args(argv)
@@ -128,7 +132,7 @@ def main(argv=None):
 
     # -- everything that can be wrong with the input is found before the process group forms
     trained = inference.Predictor(args.model, device=torch.device("cpu"), max_length=args.max_length,
-                                  trust_remote_code=args.trust_remote_code)
+                                  trust_remote_code=args.trust_remote_code, precision=args.precision)
     text_column = args.text_column or trained.saved.get("text_column") or inference.DEFAULT_TEXT_COLUMN
     label_column = args.label_column or trained.saved.get("label_column") or inference.DEFAULT_LABEL_COLUMN
     pair_column = args.text_pair_column or trained.pair_column
@@ -149,13 +153,13 @@ def main(argv=None):
     dist = distributed.setup(args.dist_timeout)
     try:
         trained.to(dist.device)
-        loader = inference.length_sorted_loader(dataset, args.batch_size, inference.collator(trained.tokenizer,
-                                                dist.device), dist.device, dist.world_size, dist.rank)
+        loader = inference.length_sorted_loader(dataset, args.batch_size, inference.collator(
+            trained.tokenizer, dist.device, trained.model.config), dist.device, dist.world_size, dist.rank)
         pairs = f", pairs with column {pair_column}" if pair_column else ""
-        log.info("evaluating %s on %d examples of %s (max length %d, truncation %s%s) on %s x %d", args.model,
-                 len(dataset), args.data, trained.max_length, trained.truncation, pairs, dist.device.type,
-                 dist.world_size)
-        result = evaluate(trained.model, loader, len(labels), dist.device)
+        log.info("evaluating %s on %d examples of %s (max length %d, truncation %s%s) on %s x %d in %s",
+                 args.model, len(dataset), args.data, trained.max_length, trained.truncation, pairs,
+                 dist.device.type, dist.world_size, trained.precision)
+        result = evaluate(trained.model, loader, len(labels), dist.device, trained.autocast)
         if dist.is_main:
             write_report(result, labels.names, output_dir, {
                 "model": args.model, "data": args.data, "examples": int(result.confusion.sum()),

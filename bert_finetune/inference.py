@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import data, modeling
+from . import data, modeling, precision
 from .errors import UserError
 from .sampling import eval_shard
 
@@ -32,9 +32,11 @@ def saved_settings(path: str) -> dict:
         return {}
 
 
-def collator(tokenizer, device: torch.device) -> data.Collator:
-    """Pads each batch to its longest example; to a multiple of 8 on CUDA, which suits tensor cores."""
-    return data.Collator(tokenizer.pad_token_id or 0, multiple=8 if device.type == "cuda" else 1)
+def collator(tokenizer, device: torch.device, model_config) -> data.Collator:
+    """Pads each batch to its longest example; on CUDA to a multiple of 8, which suits tensor cores, within
+    the model's position limit."""
+    return data.Collator(tokenizer.pad_token_id or 0, multiple=8 if device.type == "cuda" else 1,
+                         limit=modeling.max_positions(model_config))
 
 
 def length_sorted_loader(dataset, batch_size: int, collate: data.Collator, device: torch.device,
@@ -66,7 +68,7 @@ class Predictor:
     score texts."""
 
     def __init__(self, model_dir: str, device: torch.device | None = None, max_length: int | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, precision: str = "auto"):
         path = modeling.resolve(model_dir)
         self.tokenizer = modeling.load_tokenizer(path, trust_remote_code)
         config = modeling.load_config(path, trust_remote_code)
@@ -80,11 +82,17 @@ class Predictor:
         self.truncation = self.saved.get("truncation") or "head"
         self.head_tokens = self.saved.get("head_tokens") or 0
         self.pair_column = self.saved.get("text_pair_column") or None
+        self.requested_precision = precision
         self.to(device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def to(self, device: torch.device) -> "Predictor":
+        """Move to `device`, and score there as training does: --precision auto (bf16 or fp16 autocast on CUDA,
+        fp32 on CPU) and TF32 matmuls on CUDA."""
         self.device = device
         self.model.to(device)
+        self.precision = precision.resolve(self.requested_precision, device)
+        self.autocast = precision.autocast(self.precision, device)
+        precision.allow_tf32(device)
         return self
 
     def tokenize(self, texts, pairs=None) -> tuple[list, list | None]:
@@ -109,11 +117,12 @@ class Predictor:
         """Probabilities [examples, labels] for token ids, in their order."""
         from tqdm.auto import tqdm
         dataset = data.EncodedDataset(ids, np.zeros(len(ids), dtype=np.int64), token_type_ids=types)
-        loader = length_sorted_loader(dataset, batch_size, collator(self.tokenizer, self.device), self.device)
+        loader = length_sorted_loader(dataset, batch_size, collator(self.tokenizer, self.device, self.model.config),
+                                      self.device)
         out = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
         with tqdm(total=len(ids), unit="text", disable=not progress, file=sys.stderr, mininterval=1.0,
                   dynamic_ncols=True) as bar:
-            for batch, batch_logits in logits(self.model, loader, self.device):
+            for batch, batch_logits in logits(self.model, loader, self.device, self.autocast):
                 out[batch["index"].numpy()] = batch_logits.softmax(-1).cpu().numpy()
                 bar.update(len(batch["index"]))
         return out

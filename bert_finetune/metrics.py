@@ -46,6 +46,9 @@ def from_confusion(cm: np.ndarray) -> dict:
 
 
 def better(metric: str, new: float, old: float | None) -> bool:
+    """Whether `new` beats `old` (lower loss, else higher); a nan or infinite value never does."""
+    if not np.isfinite(new):
+        return False
     if old is None:
         return True
     return new < old if metric == "loss" else new > old

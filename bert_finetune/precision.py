@@ -9,11 +9,16 @@ import torch
 log = logging.getLogger("bert_finetune")
 
 
-def resolve(requested: str, device: torch.device) -> str:
-    """--precision as used: auto = bf16 on CUDA that supports it, else fp32. Half precision on a CPU without
-    matmul units for it is allowed but warned about."""
+def resolve(requested: str, device: torch.device, capability: tuple | None = None) -> str:
+    """--precision as used. auto: on CUDA, bf16 where the GPU multiplies in bf16 natively (compute capability
+    8.0 and up: Ampere, Ada, Hopper, Blackwell), else fp16 with the GradScaler; fp32 on CPU. (Not
+    torch.cuda.is_bf16_supported(): it says yes on V100 and T4, which only emulate bf16.) Half precision on a
+    CPU without matmul units for it is allowed but warned about."""
     if requested == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        major, _ = capability or torch.cuda.get_device_capability(device)
+        return "bf16" if major >= 8 else "fp16"
     if requested != "fp32" and device.type == "cpu" and not cpu_has_fast(requested):
         log.warning("--precision %s: this CPU has no %s matmul units (AMX or AVX-512 %s), so it runs about 100x "
                     "slower than fp32; use --precision fp32", requested, requested, requested.upper())

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from . import data, modeling, reporting
+from .config import CHOICES
 from .errors import ArgumentParser, UserError, cli
 from .inference import DEFAULT_TEXT_COLUMN, Predictor, saved_settings
 
@@ -217,6 +218,8 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, help="default: the length the model was trained with")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
+    parser.add_argument("--precision", choices=CHOICES["precision"], default="auto",
+                        help="auto (default): bf16 or fp16 autocast on CUDA as in training, fp32 on CPU")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -298,7 +301,7 @@ def main(argv=None):
     else:
         inputs = read_inputs(args.input, text_column, pair_column)
     predictor = Predictor(args.model, device=args.device, max_length=args.max_length,
-                          trust_remote_code=args.trust_remote_code)
+                          trust_remote_code=args.trust_remote_code, precision=args.precision)
     probs = score(predictor, inputs, args.batch_size, "--text" if args.text is not None else "line")
     if not args.output:
         print_predictions(inputs, probs, predictor.labels.names)

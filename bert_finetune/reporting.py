@@ -1,11 +1,14 @@
 """Console, tqdm and TensorBoard: rank 0 speaks, the others only warn."""
 import logging
+import re
 import sys
 import time
 from contextlib import contextmanager
 
 import numpy as np
 import torch
+
+from .precision import cpu_has_fast
 
 log = logging.getLogger("bert_finetune")
 
@@ -89,32 +92,55 @@ def progress(total: int, initial: int, enabled: bool):
 
 # ---- speed: samples/s, real tokens/s, padding, MFU ----
 
-# Dense peak FLOP/s per GPU by precision (vendor datasheets, no sparsity); TF32 for fp32 matmuls.
-GPU_PEAKS = {
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
-    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12},
-    "A10": {"bf16": 125e12, "fp16": 125e12, "fp32": 62e12},
-}
+# Dense peak FLOP/s per GPU by precision (vendor datasheets, no sparsity); TF32 for fp32 matmuls. Matched by
+# gpu_peaks() on whole words of the device's name, so that "L40S" is not "L4" and an H100 PCIe not an SXM.
+GPU_PEAKS = [  # (model, variant word or None, peaks); the first that matches wins
+    ("H200", None, {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
+    ("H100", "PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    ("H100", "NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12}),
+    ("H100", None, {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("A100", None, {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    ("L40S", None, {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
+    ("L4", None, {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
+    ("A10G", None, {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12}),
+    ("A10", None, {"bf16": 125e12, "fp16": 125e12, "fp32": 62e12}),
+    ("V100", None, {"fp16": 125e12, "fp32": 15.7e12}),  # no native bf16
+    ("T4", None, {"fp16": 65e12, "fp32": 8.1e12}),
+]
+
+
+def gpu_peaks(name: str) -> dict | None:
+    """The datasheet peaks of the GPU called `name` (torch.cuda.get_device_name), or None when unknown."""
+    words = {w.upper() for w in re.split(r"[^A-Za-z0-9]+", name) if w}
+    for model, variant, peaks in GPU_PEAKS:
+        if model in words and (variant is None or variant.upper() in words):
+            return peaks
+    return None
 
 
 def matmul_peak_flops(device: torch.device, precision: str) -> float:
-    """The hardware's matmul peak: the datasheet on known GPUs, else a short torch.mm probe."""
+    """The hardware's matmul peak in the precision in use: the datasheet on known GPUs, else a short probe
+    in that precision."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in GPU_PEAKS.items():
-            if key in name:
-                return peaks[precision]
-    return probe_matmul(device)
+        peaks = gpu_peaks(torch.cuda.get_device_name(device)) or {}
+        if precision in peaks:
+            return peaks[precision]
+    return probe_matmul(device, DTYPES[precision])
 
 
-def probe_matmul(device: torch.device, n: int = 2048, repeats: int = 6) -> float:
-    """Best of a few n x n fp32 matmuls, FLOP/s (about a second on a 2-core CPU)."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def probe_matmul(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 6) -> float:
+    """Best of a few n x n matmuls in `dtype`, FLOP/s (about a second on a 2-core CPU in fp32). A CPU
+    without matmul units for a half precision is about 100x slower in it: a smaller n keeps that short."""
+    if device.type == "cpu" and dtype != torch.float32:
+        if not cpu_has_fast("bf16" if dtype == torch.bfloat16 else "fp16"):
+            n = 256
     # its own generator: the probe must not move the training RNG (exact resume)
     g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, generator=g)
-    b = torch.randn(n, n, device=device, generator=g)
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
     best = float("inf")
     for _ in range(repeats + 1):
         if device.type == "cuda":

@@ -60,7 +60,9 @@ def check_output_dir(cfg: config.Config, restarted: bool) -> str | None:
     """Where to resume from (or None); refuses to start over an earlier run's checkpoints."""
     out = cfg.output_dir
     checkpoint.make_output_dir(out)
-    spec = cfg.resume or ("auto" if restarted else "")
+    # after an elastic restart, continue from the newest checkpoint, not again from --resume PATH (which may
+    # be older, or rotated away by now)
+    spec = "auto" if restarted else cfg.resume
     if spec:
         path = checkpoint.find_resume(spec, out)
         if path is None:
@@ -137,7 +139,7 @@ class Trainer:
         self.cfg, self.dist, self.device = cfg, dist, dist.device
         self.precision = precision.resolve(cfg.precision, self.device)
         precision.allow_tf32(self.device)
-        self.tokenizer = job.tokenizer
+        self.tokenizer, self.model_config = job.tokenizer, job.model_config
         self._build_data(job.tables)
         self._build_model(job)
         self._build_optimizer()
@@ -155,7 +157,7 @@ class Trainer:
         self.eval_set = data.encode_table(self.tokenizer, tables.held_out, self.labels, tables.held_out_source, cfg)
         log.info("data: %d train / %d held-out examples, %d labels (%s), tokenized in %.1f s", len(self.train_set),
                  len(self.eval_set), len(self.labels), ", ".join(self.labels.names), time.perf_counter() - t0)
-        self.collate = inference.collator(self.tokenizer, self.device)
+        self.collate = inference.collator(self.tokenizer, self.device, self.model_config)
         self.sampler = LengthGroupedSampler(self.train_set.lengths, cfg.batch_size, dist.world_size, dist.rank,
                                             cfg.seed, group_by_length=cfg.sampler == "length")
         # its own generator: creating a DataLoader iterator must not draw from the global RNG (exact resume)
@@ -208,11 +210,18 @@ class Trainer:
         """Weights (before DDP wraps the model), optimizer, schedule, scaler and state from a checkpoint;
         returns this rank's saved RNG states, which train() sets last (None on another process count)."""
         weights, saved = checkpoint.load(path)
+        progress = saved["train_state"] if "train_state" in saved else saved["progress"]
+        if saved["world_size"] != self.dist.world_size and progress["batches_done"]:
+            # each rank's position is a count of its own batches of an order that depends on the process count
+            raise UserError(f"checkpoint {path} was saved by {saved['world_size']} process(es) in the middle of epoch "
+                            f"{progress['epoch'] + 1}: resume it on {saved['world_size']} (on {self.dist.world_size} "
+                            f"some examples of the epoch would be skipped or seen twice), or from a checkpoint "
+                            f"saved at an epoch's end")
         self.raw_model.load_state_dict(weights)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
-        self.state.load_state_dict(saved["train_state"] if "train_state" in saved else saved["progress"])
+        self.state.load_state_dict(progress)
         warn_if_changed(saved["config"], config.to_dict(self.cfg), saved["world_size"], self.dist.world_size)
         log.info("resumed from %s: step %d, epoch %d, batch %d", path, self.state.step, self.state.epoch + 1,
                  self.state.batches_done)
@@ -249,6 +258,7 @@ class Trainer:
         self.model.train()
         self.loss_sum, self.norm_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         self.updates = 0  # optimizer steps since the last log
+        self.logged_step = state.step
         bar = reporting.progress(self.total_steps, state.step, self.dist.is_main)
         t_start = time.perf_counter() - state.loop_seconds
         try:
@@ -274,6 +284,8 @@ class Trainer:
                                       cfg.log_steps, cfg.eval_steps, cfg.save_steps, stopping)
                     if todo.log:
                         self._log(bar)
+                    elif todo.save:
+                        self._check_finite(self._sum_over_ranks(np.array([self.loss_sum.item()]))[0])
                     if todo.epoch_done:
                         state.epoch, state.batches_done = epoch + 1, 0
                     state.loop_seconds = time.perf_counter() - t_start
@@ -320,6 +332,7 @@ class Trainer:
         """The interval's loss and gradient norm (mean over updates and ranks), learning rate and speed."""
         totals = self._sum_over_ranks(np.array([self.loss_sum.item(), self.norm_sum.item(), self.updates,
                                                 *self.meter.counts()]))
+        self._check_finite(totals[0])
         speed = self.meter.lap(totals[3:])
         logged = {"loss": totals[0] / max(totals[2], 1), "lr": self.scheduler.get_last_lr()[0], **speed}
         if self.cfg.max_grad_norm:  # the norm before clipping
@@ -331,6 +344,18 @@ class Trainer:
         self.loss_sum.zero_()
         self.norm_sum.zero_()
         self.updates = 0
+        self.logged_step = self.state.step
+
+    def _check_finite(self, loss_sum: float):
+        """A nan or infinite loss in fp32 or bf16 ends the run before anything is evaluated or saved from it, so
+        the last checkpoint stays the last good one. (In fp16 the GradScaler skips such steps itself.)"""
+        if self.precision == "fp16" or math.isfinite(loss_sum):
+            return
+        kept = checkpoint.list_checkpoints(self.cfg.output_dir)
+        raise UserError(f"the training loss became {loss_sum} between steps {self.logged_step + 1} and "
+                        f"{self.state.step} (--lr {self.cfg.lr:g}, --precision {self.precision}): training diverged; "
+                        f"{f'the last checkpoint, {os.path.basename(kept[-1])}, is kept' if kept else 'nothing saved'}"
+                        f"; try a lower --lr")
 
     def _evaluate(self, epoch: int):
         """Score the held-out set; log it; export best/ when it improved; decide on early stopping."""
@@ -411,8 +436,9 @@ class Trainer:
             self.writer.hparams({**config.to_dict(cfg), "world_size": self.dist.world_size,
                                  "precision_used": self.precision, "num_labels": len(self.labels)},
                                 final_metrics, state.step)
-            log.info("done: best %s %.4f at step %s; outputs in %s", cfg.metric_for_best,
-                     state.best[cfg.metric_for_best], state.best_step, cfg.output_dir)
+            best = f"{state.best[cfg.metric_for_best]:.4f}" if state.best else "none (no finite evaluation)"
+            log.info("done: best %s %s at step %s; outputs in %s", cfg.metric_for_best, best, state.best_step,
+                     cfg.output_dir)
         distributed.barrier()
 
     def _results(self, speed: dict) -> dict:
@@ -440,8 +466,9 @@ def warn_if_changed(saved: dict, current: dict, saved_world: int, world: int):
         log.warning("resuming with settings that differ from the checkpoint's: %s: not the same run as before",
                     ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in changed))
     if saved_world != world:
-        log.warning("resuming on %d processes a run saved on %d: data order and RNG streams differ from an "
-                    "unbroken run", world, saved_world)
+        log.warning("resuming on %d processes a run saved on %d at an epoch's end: every example of the next "
+                    "epochs is seen once, but data order and RNG streams differ from an unbroken run",
+                    world, saved_world)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """torchrun beyond one node: two agents on 127.0.0.1 as two nodes; elastic restarts resume by themselves."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -27,15 +28,20 @@ def test_two_nodes_equal_one_node_bitwise(tiny_model, make_csv, tmp_path):
 
 
 def test_elastic_restart_resumes_and_finishes_bitwise(tiny_model, make_csv, tmp_path):
+    """A job started with --resume PATH loses a worker after rotation has deleted PATH: the restart continues
+    from the newest checkpoint (not PATH again) and ends bitwise equal to an unbroken run."""
     csv = make_csv(n=400)
     args = lambda out: train_args(tiny_model, csv, out, "--epochs", 2, "--save-steps", 4, "--seed", 8)  # noqa: E731
-    straight = torchrun(2, args(tmp_path / "straight"))
+    straight = torchrun(2, [*args(tmp_path / "straight"), "--save-total-limit", 100])
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "elastic"
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch.sh"), "2", *map(str, args(out))], cwd=ROOT,
-                            env=env(PET_MAX_RESTARTS=1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    os.makedirs(out)
+    shutil.copytree(tmp_path / "straight" / "checkpoint-step000004", out / "checkpoint-step000004")
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch.sh"), "2", *map(str, args(out)), "--resume",
+                             out / "checkpoint-step000004"], cwd=ROOT, env=env(PET_MAX_RESTARTS=1),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
-    while len(checkpoints(out)) < 2:
+    while "checkpoint-step000012" not in checkpoints(out):  # by then rotation has deleted step 4
         assert proc.poll() is None and time.time() - t0 < 300, "the run ended before a worker could be killed"
         time.sleep(0.02)
     workers = [p for p in descendants(proc.pid) if "bert_finetune.train" in open(f"/proc/{p}/cmdline").read()
@@ -47,5 +53,7 @@ def test_elastic_restart_resumes_and_finishes_bitwise(tiny_model, make_csv, tmp_
         if proc.poll() is None:
             kill_job(proc)
     assert proc.returncode == 0, log[-3000:]
-    assert "resumed from" in log
+    resumed = [line for line in log.splitlines() if "resumed from" in line]
+    assert len(resumed) == 2 and "checkpoint-step000004" in resumed[0], resumed
+    assert "checkpoint-step000004" not in resumed[1] and "checkpoint-step0000" in resumed[1], resumed
     assert_bitwise_equal(tmp_path / "straight", out)

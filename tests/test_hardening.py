@@ -1,0 +1,109 @@
+"""Faults that long jobs meet and the GPU path's logic, checked on CPU: the precision choice from a GPU's
+compute capability, the peak by exact device name, padding within the position limit, the token cache's
+key, divergence, and a resume on another process count."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from bert_finetune import data, metrics, precision, reporting
+from conftest import python_m, run_train, torchrun, train_args
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                 ((8, 9), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it(capability, expected):
+    # V100 (7.0) and T4 (7.5) emulate bf16: torch.cuda.is_bf16_supported() says yes there
+    assert precision.resolve("auto", torch.device("cuda"), capability) == expected
+    assert precision.resolve("auto", torch.device("cpu")) == "fp32"
+    assert precision.resolve("fp32", torch.device("cuda"), capability) == "fp32"
+
+
+@pytest.mark.parametrize("name,bf16", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
+                                       ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12),
+                                       ("NVIDIA A10", 125e12)])
+def test_gpu_peak_by_the_exact_name(name, bf16):
+    assert reporting.gpu_peaks(name)["bf16"] == bf16
+
+
+def test_unknown_gpus_and_half_precision_elsewhere_are_probed_in_that_precision(monkeypatch):
+    assert reporting.gpu_peaks("NVIDIA RTX PRO 6000 Blackwell") is None
+    assert "bf16" not in reporting.gpu_peaks("Tesla V100-SXM2-16GB")  # probed in bf16, not read as fp32's
+    seen = []
+    monkeypatch.setattr(reporting, "probe_matmul", lambda device, dtype=torch.float32: seen.append(dtype) or 1.0)
+    for p in ("fp32", "bf16", "fp16"):
+        reporting.matmul_peak_flops(torch.device("cpu"), p)
+    assert seen == [torch.float32, torch.bfloat16, torch.float16]
+
+
+def test_the_probe_measures_the_dtype_it_is_given():
+    assert reporting.probe_matmul(torch.device("cpu"), torch.bfloat16, n=64, repeats=1) > 0
+
+
+@pytest.mark.parametrize("length,limit,width", [(13, None, 16), (13, 14, 14), (510, 512, 512), (511, 512, 512),
+                                                (507, 510, 510), (16, 14, 16)])
+def test_padding_to_a_multiple_of_8_stops_at_the_position_limit(length, limit, width):
+    collate = data.Collator(0, multiple=8, limit=limit)
+    batch = collate([{"input_ids": np.ones(length, dtype=np.int32), "labels": 0, "index": 0},
+                     {"input_ids": np.ones(3, dtype=np.int32), "labels": 1, "index": 1}])
+    assert batch["input_ids"].shape == (2, width)
+
+
+def test_head_truncation_keeps_the_head_whatever_the_tokenizer_side(tiny_model, tmp_path):
+    from bert_finetune import modeling
+    tok = modeling.load_tokenizer(tiny_model)
+    text = ["good " + "dog " * 40 + "bad"]
+    right = data.tokenize(tok, text, 16)[0]
+    tok.truncation_side = "left"  # as some tokenizers ship
+    assert data.tokenize(tok, text, 16)[0].tolist() == right.tolist()
+    assert tok.convert_ids_to_tokens(right.tolist())[:2] == ["[CLS]", "good"]
+
+
+def test_the_cache_key_changes_with_the_truncation_side_and_the_code_version(tiny_model, monkeypatch):
+    from bert_finetune import modeling
+    tok = modeling.load_tokenizer(tiny_model)
+    key = data.tokenizer_fingerprint(tok)
+    assert data.tokenizer_fingerprint(modeling.load_tokenizer(tiny_model)) == key  # stable across loads
+    tok.truncation_side = "left"
+    assert data.tokenizer_fingerprint(tok) != key
+    tok.truncation_side = "right"
+    monkeypatch.setattr(data, "TOKENIZATION_VERSION", data.TOKENIZATION_VERSION + 1)
+    assert data.tokenizer_fingerprint(tok) != key
+
+
+def test_a_nan_metric_never_becomes_the_best():
+    assert not metrics.better("accuracy", float("nan"), None)
+    assert not metrics.better("loss", float("nan"), 0.5)
+    assert metrics.better("loss", 0.4, 0.5) and metrics.better("accuracy", 0.6, None)
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_model, make_csv, tmp_path):
+    out = tmp_path / "out"
+    args = train_args(tiny_model, make_csv(n=200), out, "--epochs", 1, "--save-steps", 1, "--lr", "1e30",
+                      "--cache-dir", tmp_path / "cache")
+    p = python_m("bert_finetune.train", ["--single-gpu", *args])
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the training loss became") and "training diverged" in line, line
+    kept = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-step"))
+    assert kept and f"the last checkpoint, {kept[-1]}, is kept" in line
+    from bert_finetune import checkpoint
+    weights, _ = checkpoint.load(str(out / kept[-1]))
+    assert all(torch.isfinite(w).all() for w in weights.values())  # nothing saved from the diverged steps
+
+
+def test_resuming_mid_epoch_on_another_process_count_is_refused_in_one_line(tiny_model, make_csv, tmp_path):
+    out = tmp_path / "out"
+    common = ["--epochs", 1, "--seed", 5, "--cache-dir", tmp_path / "cache"]
+    csv = make_csv(n=200)
+    first = run_train(train_args(tiny_model, csv, out, *common, "--max-steps", 3))  # ends mid-epoch
+    assert first["steps"] == 3
+    p = torchrun(2, train_args(tiny_model, csv, out, *common, "--resume", "auto"))
+    # each worker says it in one line and exits 2 (torchrun then adds its own report of the failed workers)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert p.returncode != 0 and errors, p.stderr[-3000:]
+    assert "was saved by 1 process(es) in the middle of epoch 1: resume it on 1" in errors[0]
+    assert "exitcode: 2" in p.stderr
