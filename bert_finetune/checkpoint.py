@@ -6,6 +6,7 @@ weights_only=True) and `manifest.json` (size and sha256 of both, written last). 
 files do not match its manifest is damaged and skipped on resume. `best/` and `last/` are
 `save_pretrained` folders, replaced atomically too.
 """
+import errno
 import hashlib
 import json
 import logging
@@ -46,27 +47,89 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+class WriteError(UserError):
+    """A write that failed (disk full, quota, permissions, a file system gone): one line, and what was
+    written before stays as it was."""
+
+
 @contextmanager
 def atomic_dir(final: str):
-    """Yield a temporary folder; on success it replaces `final` in one rename."""
+    """Yield a temporary folder; on success it replaces `final` in one rename. A write that fails inside
+    becomes a WriteError that names `final` and the cause; `final` is left as it was and the temporary
+    folder is removed."""
     parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = f"{final}{TMP}{os.getpid()}"
     try:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         yield tmp
         for name in os.listdir(tmp):
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
-        old = f"{final}.old-{os.getpid()}"
-        if os.path.exists(final):
+        old = f"{final}{OLD}{os.getpid()}"
+        if os.path.exists(final):  # a crash between these renames leaves old; sweep() puts it back
             os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(parent)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise WriteError(f"cannot write {final}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _writing(write):
+    """Run a library's write; torch's zip writer and safetensors report a failed write (disk full, quota, a
+    file system gone) in exception types of their own: those become an OSError, which atomic_dir reports."""
+    try:
+        write()
+    except OSError:
+        raise
+    except Exception as e:
+        text = str(e).strip()
+        raise OSError(errno.EIO, text.splitlines()[-1] if text else type(e).__name__) from None
+
+
+TMP, OLD = ".tmp-", ".old-"
+_LEFTOVER = re.compile(rf"^(?P<name>{PREFIX}\d+|best|last|results\.json)(?P<kind>\.tmp-|\.old-)\d+$")
+
+
+def sweep(output_dir: str):
+    """Clean up after a process killed while saving (rank 0, at start): remove the project's temporary
+    folders and files, and put back a best/ or last/ whose replacement was cut between its two renames."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in sorted(os.listdir(output_dir)):
+        m = _LEFTOVER.match(name)
+        if not m:
+            continue
+        path, final = os.path.join(output_dir, name), os.path.join(output_dir, m.group("name"))
+        if m.group("kind") == OLD and not os.path.exists(final):
+            os.rename(path, final)
+            log.warning("%s: restored from %s (a save was interrupted)", final, name)
+        elif os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+
+
+def warn_if_no_room(output_dir: str, needed: int) -> bool:
+    """Warn when the free space under output_dir is less than `needed` bytes (the last checkpoint's size);
+    returns whether it warned."""
+    try:
+        free = shutil.disk_usage(output_dir).free
+    except OSError:
+        return False
+    if free >= needed:
+        return False
+    log.warning("only %.1f GB free under %s, the last checkpoint took %.1f GB: the next one will not fit",
+                free / 1e9, output_dir, needed / 1e9)
+    return True
+
+
+def size_of(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
 
 
 def _sha256(path: str) -> str:
@@ -89,8 +152,9 @@ def path_for(output_dir: str, step: int) -> str:
 def save(output_dir: str, step: int, model_state: dict, training_state: dict) -> str:
     path = path_for(output_dir, step)
     with atomic_dir(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, os.path.join(tmp, MODEL_FILE))
-        torch.save(training_state, os.path.join(tmp, STATE_FILE))
+        _writing(lambda: save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()},
+                                   os.path.join(tmp, MODEL_FILE)))
+        _writing(lambda: torch.save(training_state, os.path.join(tmp, STATE_FILE)))
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(_manifest(tmp), f, indent=1)
     return path
@@ -173,17 +237,22 @@ def rotate(output_dir: str, keep: int, protect=()):
 def export(model, tokenizer, path: str, extra: dict):
     """A save_pretrained folder (safetensors) plus bert_finetune.json, replacing `path` atomically."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        _writing(lambda: model.save_pretrained(tmp, safe_serialization=True))
+        _writing(lambda: tokenizer.save_pretrained(tmp))
         with open(os.path.join(tmp, "bert_finetune.json"), "w") as f:
             json.dump(extra, f, indent=1)
 
 
 def write_json(path: str, obj):
-    """A JSON file written under a temporary name, fsynced, then renamed over `path`."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A JSON file written under a temporary name, fsynced, then renamed over `path` (a WriteError if not)."""
+    tmp = f"{path}{TMP}{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None

@@ -60,8 +60,16 @@ def load_csv(path: str, expected_header: str, limit: int = 0) -> pd.DataFrame:
     """pandas.read_csv with every failure turned into one UserError naming the file (and line)."""
     try:
         # utf-8-sig: a leading byte-order mark (Excel's habit) is dropped, not glued to the first header
-        return pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False,
-                           nrows=limit or None, quoting=csv.QUOTE_MINIMAL)
+        df = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False,
+                         nrows=limit or None, quoting=csv.QUOTE_MINIMAL)
+        # pandas renames a repeated column name (review, review.1): which one is meant is the user's call
+        names = [str(c) for c in pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False,
+                                             nrows=1, header=None).iloc[0]]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise UserError(f"{path}: the header names column(s) {', '.join(map(repr, repeated))} more than once; "
+                            f"rename them so that each column has its own name")
+        return df
     except UnicodeDecodeError:
         raise UserError(f"{path}: line {_first_bad_line(path)} is not valid UTF-8 text (save the file as UTF-8)") from None
     except pd.errors.EmptyDataError:
@@ -94,25 +102,44 @@ def read_table(path: str, text_column: str, label_column: str | None, limit: int
     out = pd.DataFrame({"text": df[text_column].values, "row": np.arange(2, len(df) + 2)})
     if pair_column is not None:
         out["pair"] = df[pair_column].values
-    if label_column is not None:
-        out["label"] = df[label_column].str.strip().values
     blank = out["text"].str.strip() == ""
     if pair_column is not None:
         blank |= out["pair"].str.strip() == ""
+    problems = [(blank, f"empty text in column {'/'.join(repr(c) for c in (text_column, pair_column) if c)}")]
     if label_column is not None:
-        blank |= out["label"] == ""
-    if blank.any():
-        rows = out.loc[blank, "row"].tolist()
-        columns = "/".join(f"'{c}'" for c in (text_column, pair_column, label_column) if c is not None)
-        where = f"{len(rows)} row(s) with empty text or label in column {columns}, " \
-                f"lines {', '.join(map(str, rows[:5]))}{' ...' if len(rows) > 5 else ''}"
-        if strict:
-            raise UserError(f"{path}: {where} (--strict)")
-        log.warning("%s: skipped %s", path, where)
-        out = out[~blank].reset_index(drop=True)
+        out["label"] = canonical_labels(df[label_column].str.strip())
+        problems.append((out["label"].str.lower().isin(MISSING_LABELS),
+                         f"no label (empty, NA, null, ...) in column '{label_column}'"))
+    skipped = np.zeros(len(out), dtype=bool)
+    for mask, what in problems:
+        if mask.any():
+            rows = out.loc[mask, "row"].tolist()
+            where = f"{len(rows)} row(s) with {what}, lines {', '.join(map(str, rows[:5]))}" \
+                    f"{' ...' if len(rows) > 5 else ''}"
+            if strict:
+                raise UserError(f"{path}: {where} (--strict)")
+            log.warning("%s: skipped %s", path, where)
+            skipped |= mask.to_numpy()
+    if skipped.any():
+        out = out[~skipped].reset_index(drop=True)
         if len(out) == 0:
             raise UserError(f"{path}: no rows left after skipping the empty ones")
     return out
+
+
+# label cells that mean "no label" (pandas' own missing-value markers), compared in lower case
+MISSING_LABELS = {"", "na", "n/a", "nan", "null", "none", "#n/a", "<na>"}
+
+
+def canonical_labels(labels: pd.Series) -> pd.Series:
+    """The same class written as 1 and 1.0 (a spreadsheet's export) becomes one: whole numbers lose '.0'."""
+    def canonical(value: str) -> str:
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return str(int(number)) if number.is_integer() and value.strip().lower() not in MISSING_LABELS else value
+    return labels.map({v: canonical(v) for v in labels.unique()})
 
 
 class LabelMap:

@@ -60,6 +60,7 @@ def check_output_dir(cfg: config.Config, restarted: bool) -> str | None:
     """Where to resume from (or None); refuses to start over an earlier run's checkpoints."""
     out = cfg.output_dir
     checkpoint.make_output_dir(out)
+    checkpoint.sweep(out)  # what a process killed while saving left behind
     # after an elastic restart, continue from the newest checkpoint, not again from --resume PATH (which may
     # be older, or rotated away by now)
     spec = "auto" if restarted else cfg.resume
@@ -146,6 +147,7 @@ class Trainer:
         self.state = TrainState()
         rng.seed_everything(cfg.seed + dist.rank)  # dropout differs across ranks
         self.saved_rng = self._restore(resume_from) if resume_from else None
+        self.checkpoint_bytes, self.warned_room = 0, False  # the last checkpoint's size; warned of no room once
         self.model = self._wrap(self.raw_model)
         self._build_reporting()
 
@@ -395,10 +397,18 @@ class Trainer:
         cfg, state = self.cfg, self.state
         rngs = distributed.gather(rng.get_state())
         if self.dist.is_main:
-            path = checkpoint.save(cfg.output_dir, state.step, self.raw_model.state_dict(), {
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "train_state": state.state_dict(), "rng": rngs,
-                "config": config.to_dict(cfg), "world_size": self.dist.world_size})
+            if self.checkpoint_bytes and not self.warned_room:
+                self.warned_room = checkpoint.warn_if_no_room(cfg.output_dir, self.checkpoint_bytes)
+            try:
+                path = checkpoint.save(cfg.output_dir, state.step, self.raw_model.state_dict(), {
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(), "train_state": state.state_dict(), "rng": rngs,
+                    "config": config.to_dict(cfg), "world_size": self.dist.world_size})
+            except checkpoint.WriteError as e:
+                kept = checkpoint.list_checkpoints(cfg.output_dir)
+                raise checkpoint.WriteError(f"{e}; {os.path.basename(kept[-1]) if kept else 'no checkpoint'} is "
+                                            f"kept: continue with --resume auto once it can be written") from None
+            self.checkpoint_bytes = checkpoint.size_of(path)
             best = checkpoint.path_for(cfg.output_dir, state.best_step) if state.best_step is not None else None
             checkpoint.rotate(cfg.output_dir, cfg.save_total_limit, protect=[best])
             log.info("saved checkpoint %s", path)

@@ -5,6 +5,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pandas as pd
 import pytest
@@ -66,9 +67,14 @@ def make_csv(tmp_path):
     return make
 
 
+# the tests' own token cache, not the user's: a stale entry there could hide a tokenization regression
+TOKEN_CACHE = tempfile.mkdtemp(prefix="bert-finetune-test-tokens-")
+
+
 def train_args(model, train_file, output_dir, *extra):
     return ["--model", model, "--train-file", train_file, "--output-dir", str(output_dir), "--max-length", "32",
-            "--batch-size", "8", "--lr", "2e-3", "--warmup-ratio", "0.0", "--log-steps", "5", *map(str, extra)]
+            "--batch-size", "8", "--lr", "2e-3", "--warmup-ratio", "0.0", "--log-steps", "5",
+            "--cache-dir", TOKEN_CACHE, *map(str, extra)]
 
 
 def run_train(args, single=True):

@@ -107,3 +107,80 @@ def test_resuming_mid_epoch_on_another_process_count_is_refused_in_one_line(tiny
     assert p.returncode != 0 and errors, p.stderr[-3000:]
     assert "was saved by 1 process(es) in the middle of epoch 1: resume it on 1" in errors[0]
     assert "exitcode: 2" in p.stderr
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_the_run_resumes_bitwise(tiny_model, make_csv, tmp_path,
+                                                                           monkeypatch, capsys):
+    """The disk fills up during the second checkpoint: torch's zip writer fails as it does (a RuntimeError
+    from PytorchStreamWriter). One line, nothing half-written, and --resume auto ends as an unbroken run."""
+    from bert_finetune import checkpoint
+    from test_resume import assert_bitwise_equal
+    csv = make_csv(n=200)
+    args = lambda out, *extra: train_args(tiny_model, csv, out, "--epochs", 2, "--save-steps", 4, "--seed", 4,  # noqa
+                                          "--cache-dir", tmp_path / "cache", *extra)
+    run_train(args(tmp_path / "straight"))
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 320 vs 256\n"
+                               "PytorchStreamWriter failed writing file data/0: file write failed")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    out = tmp_path / "full"
+    with pytest.raises(SystemExit) as stopped:
+        run_train(args(out))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: cannot write {out / 'checkpoint-step000008'}: ") and \
+        "file write failed; checkpoint-step000004 is kept" in err[-1], err[-1]
+    assert sorted(os.listdir(out)) == ["checkpoint-step000004", "runs"]  # no half-written folder
+    monkeypatch.undo()
+    run_train(args(out, "--resume", "auto"))
+    assert_bitwise_equal(tmp_path / "straight", out)
+
+
+def test_leftovers_of_a_kill_during_a_save_are_swept_and_best_put_back(tmp_path):
+    from bert_finetune import checkpoint
+    out = tmp_path / "out"
+    for name in ("checkpoint-step000004", "checkpoint-step000008.tmp-4242", "best.old-4242", "last.tmp-17"):
+        os.makedirs(out / name)
+        (out / name / "model.safetensors").write_bytes(b"x" * 10)
+    (out / "results.json.tmp-99").write_text("{")
+    checkpoint.sweep(str(out))
+    assert sorted(os.listdir(out)) == ["best", "checkpoint-step000004"]  # best/ was cut between its two renames
+    (out / "best.old-5").mkdir()
+    checkpoint.sweep(str(out))  # best/ exists: the old copy is only a leftover
+    assert sorted(os.listdir(out)) == ["best", "checkpoint-step000004"]
+
+
+def test_a_warning_before_a_checkpoint_that_will_not_fit(tmp_path, caplog):
+    from bert_finetune import checkpoint
+    with caplog.at_level("WARNING", logger="bert_finetune"):
+        assert not checkpoint.warn_if_no_room(str(tmp_path), 1)
+        assert checkpoint.warn_if_no_room(str(tmp_path), 10 ** 18)
+    assert "the next one will not fit" in caplog.text
+
+
+def test_label_cells_that_mean_no_label_are_reported_and_1_equals_1_0(tmp_path, caplog):
+    rows = [("1", "a good film"), ("0", "a bad film"), ("NA", "no label here"), ("1.0", "great"),
+            ("null", "nor here"), ("", "nor here"), ("0.0", "dull"), (" None ", "nor here")]
+    path = tmp_path / "labels.csv"
+    path.write_text("label,review\n" + "".join(f"{y},{t}\n" for y, t in rows))
+    with caplog.at_level("WARNING", logger="bert_finetune"):
+        table = data.read_table(str(path), "review", "label")
+    assert sorted(set(table["label"])) == ["0", "1"]  # NA, null, None and empty are not classes
+    assert table["row"].tolist() == [2, 3, 5, 8]
+    assert "4 row(s) with no label (empty, NA, null, ...) in column 'label', lines 4, 6, 7, 9" in caplog.text
+    from bert_finetune.errors import UserError
+    with pytest.raises(UserError, match=r"4 row\(s\) with no label .* lines 4, 6, 7, 9 \(--strict\)"):
+        data.read_table(str(path), "review", "label", strict=True)
+
+
+def test_a_column_named_twice_is_an_error_that_names_it(tmp_path):
+    from bert_finetune.errors import UserError
+    path = tmp_path / "twice.csv"
+    path.write_text("label,review,review\n1,good,other\n0,bad,other\n")
+    with pytest.raises(UserError, match=r"twice\.csv: the header names column\(s\) 'review' more than once"):
+        data.read_table(str(path), "review", "label")

@@ -131,7 +131,7 @@ def test_damaged_newest_checkpoint_falls_back(tiny_model, make_csv, tmp_path):
     assert_bitwise_equal(straight, out)
 
 
-def test_resume_auto_without_checkpoints_starts_fresh_and_resume_path_works(tiny_model, make_csv, tmp_path):
+def test_resume_auto_without_checkpoints_starts_fresh_and_refuses_to_start_over(tiny_model, make_csv, tmp_path):
     csv = make_csv(n=100)
     out = tmp_path / "fresh"
     p = python_m("bert_finetune.train", ["--single-gpu", *train_args(tiny_model, csv, out, "--epochs", 1,
@@ -142,6 +142,23 @@ def test_resume_auto_without_checkpoints_starts_fresh_and_resume_path_works(tiny
     p = python_m("bert_finetune.train", ["--single-gpu", *train_args(tiny_model, csv, out, "--epochs", 1)])
     assert p.returncode == 2 and "--resume auto" in p.stderr
     assert before == {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs}
+
+
+def test_resume_from_a_named_checkpoint_is_bitwise_and_says_so(tiny_model, make_csv, tmp_path):
+    """Killed after several checkpoints, resumed from an older one named by path (not the newest): the
+    log names it and the run ends bitwise equal to an unbroken one."""
+    csv = make_csv(n=400)
+    straight = unbroken(tmp_path, tiny_model, csv)
+    out = tmp_path / "broken"
+    proc = start(train_cmd(args_for(tiny_model, csv, out, "--save-total-limit", 100)))
+    wait_for_checkpoints(proc, out, 3)
+    kill_job(proc)
+    named = out / checkpoints(out)[0]
+    p = subprocess.run(train_cmd(args_for(tiny_model, csv, out, "--save-total-limit", 100, "--resume", named)),
+                       env=env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"resumed from {named}: step 3," in p.stdout, p.stdout[:3000]
+    assert_bitwise_equal(straight, out)
 
 
 def test_rotation_keeps_newest_and_best(tmp_path):
