@@ -16,7 +16,7 @@ import shutil
 from contextlib import contextmanager
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as save_bytes
 
 from .errors import UserError
 
@@ -149,14 +149,38 @@ def path_for(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, f"{PREFIX}{step:06d}")
 
 
+class _HashingFile:
+    """A file being written, hashed on the way: a multi-GB checkpoint is not read back to be checksummed
+    (rank 0's save is time the other ranks spend waiting in a collective)."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha256.update(b)
+        self.bytes += len(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _write_hashed(path: str, write) -> dict:
+    """write(file) into path; returns its manifest entry (bytes, sha256)."""
+    with open(path, "wb") as f:
+        hashed = _HashingFile(f)
+        _writing(lambda: write(hashed))
+    return {"bytes": hashed.bytes, "sha256": hashed.sha256.hexdigest()}
+
+
 def save(output_dir: str, step: int, model_state: dict, training_state: dict) -> str:
     path = path_for(output_dir, step)
     with atomic_dir(path) as tmp:
-        _writing(lambda: save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()},
-                                   os.path.join(tmp, MODEL_FILE)))
-        _writing(lambda: torch.save(training_state, os.path.join(tmp, STATE_FILE)))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+        manifest = {MODEL_FILE: _write_hashed(os.path.join(tmp, MODEL_FILE), lambda f: f.write(save_bytes(tensors))),
+                    STATE_FILE: _write_hashed(os.path.join(tmp, STATE_FILE), lambda f: torch.save(training_state, f))}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(_manifest(tmp), f, indent=1)
+            json.dump(manifest, f, indent=1)
     return path
 
 

@@ -63,7 +63,9 @@ class Config:
     early_stopping_patience: int = trajectory(0)  # stop after P evaluations without a better metric_for_best (0 = off)
     resume: str = ""  # "auto" = newest valid checkpoint in output_dir, or a checkpoint path
     # distributed
-    dist_timeout: float = 300.0  # seconds a collective may wait for a missing rank
+    # seconds a collective may wait for a missing rank; the others wait while rank 0 exports best/ and writes a
+    # checkpoint, which for a large model on network storage can take minutes
+    dist_timeout: float = 1800.0
 
 
 CHOICES = {

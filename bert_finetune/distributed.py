@@ -50,6 +50,10 @@ def setup(timeout_s: float, single: bool = False) -> Dist:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore(f"attempt{attempt}", store),
                                 rank=rank, world_size=world, timeout=timeout)
+        global _cpu_group
+        # the per-step stop check travels over gloo: on NCCL it would copy a flag to the GPU and back,
+        # a host-device synchronisation at every step
+        _cpu_group = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
     return Dist(rank, local_rank, world, local_world, device)
 
 
@@ -85,8 +89,10 @@ def _split_cpu_cores(local_world: int):
 
 
 def teardown():
+    global _cpu_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _cpu_group = None
 
 
 def is_distributed() -> bool:
@@ -107,9 +113,17 @@ def all_reduce_sum(values: np.ndarray, device) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank when it is true on one (e.g. a SIGTERM that reached only some ranks)."""
-    return bool(all_reduce_sum(np.array([int(flag)], dtype=np.int64), device)[0])
+_cpu_group = None  # a gloo group beside NCCL, for small CPU-side collectives
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on one (e.g. a SIGTERM that reached only some ranks). Runs on the
+    CPU (gloo), so that it never waits for the GPU."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.all_reduce(t, group=_cpu_group)
+    return bool(t.item())
 
 
 def broadcast(obj, src: int = 0):

@@ -15,6 +15,7 @@ class TrainState:
     evaluations: list = field(default_factory=list)  # every evaluation's record, in order
     loop_seconds: float = 0.0  # wall clock of the loop, evaluations and checkpoints included
     speed: dict | None = None  # the throughput meter's totals (reporting.Meter)
+    skipped_steps: int = 0  # fp16: optimizer steps the GradScaler skipped (inf/nan gradients)
 
     def state_dict(self) -> dict:
         return asdict(self)

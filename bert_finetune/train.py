@@ -14,6 +14,7 @@ variables spread over closures. Single process and DDP share every line but setu
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -219,15 +220,40 @@ class Trainer:
                             f"{progress['epoch'] + 1}: resume it on {saved['world_size']} (on {self.dist.world_size} "
                             f"some examples of the epoch would be skipped or seen twice), or from a checkpoint "
                             f"saved at an epoch's end")
+        self.state.load_state_dict(progress)
+        if self.dist.is_main:
+            self._reconcile_best()
         self.raw_model.load_state_dict(weights)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
-        self.state.load_state_dict(progress)
         warn_if_changed(saved["config"], config.to_dict(self.cfg), saved["world_size"], self.dist.world_size)
         log.info("resumed from %s: step %d, epoch %d, batch %d", path, self.state.step, self.state.epoch + 1,
                  self.state.batches_done)
         return saved["rng"][self.dist.rank] if saved["world_size"] == self.dist.world_size else None
+
+    def _reconcile_best(self):
+        """best/ as the restored state says: a job killed between exporting best/ and writing the checkpoint
+        that records it left a best/ that the resumed run does not know. Export it again from the checkpoint
+        of the state's best step (rotation keeps that one), or remove it when there is no best yet."""
+        best_dir = os.path.join(self.cfg.output_dir, "best")
+        on_disk = inference.saved_settings(best_dir).get("step") if os.path.isdir(best_dir) else None
+        if on_disk == self.state.best_step:
+            return
+        if self.state.best_step is None:
+            shutil.rmtree(best_dir)
+            log.warning("removed %s (step %s): the checkpoint resumed from has no best evaluation yet", best_dir,
+                        on_disk)
+            return
+        source = checkpoint.path_for(self.cfg.output_dir, self.state.best_step)
+        if checkpoint.problem(source) is not None:
+            log.warning("%s is from step %s, not the best step %d, whose checkpoint is gone: it will be replaced "
+                        "at the next better evaluation", best_dir, on_disk, self.state.best_step)
+            return
+        self.raw_model.load_state_dict(checkpoint.load(source)[0])
+        checkpoint.export(self.raw_model, self.tokenizer, best_dir, {**self.export_info, "step": self.state.best_step})
+        log.warning("%s was from step %s, after the checkpoint resumed from: exported again from step %d, the best "
+                    "evaluation that checkpoint records", best_dir, on_disk, self.state.best_step)
 
     def _wrap(self, model):
         if self.dist.world_size > 1:
@@ -258,7 +284,8 @@ class Trainer:
             rng.set_state(self.saved_rng)
         stop = StopRequest()
         self.model.train()
-        self.loss_sum, self.norm_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        # sums over the interval since the last log, kept on the device: reading them would wait for it
+        self.loss_sum, self.norm_sum, self.norms = (torch.zeros((), device=self.device) for _ in range(3))
         self.updates = 0  # optimizer steps since the last log
         self.logged_step = state.step
         bar = reporting.progress(self.total_steps, state.step, self.dist.is_main)
@@ -281,7 +308,7 @@ class Trainer:
                     self._optimizer_step()
                     state.step, state.batches_done = state.step + 1, batch_idx + 1
                     bar.update(1)
-                    stopping = self._any_rank(stop.signum is not None)
+                    stopping = distributed.any_rank(stop.signum is not None)
                     todo = after_step(state.step, state.batches_done, self.batches_per_epoch, self.total_steps,
                                       cfg.log_steps, cfg.eval_steps, cfg.save_steps, stopping)
                     if todo.log:
@@ -323,7 +350,11 @@ class Trainer:
         """Unscale, clip, step, update the loss scale, advance the schedule, clear the gradients."""
         if self.cfg.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            self.norm_sum += optim.clip_grad_norm(self.raw_model.parameters(), self.cfg.max_grad_norm)
+            norm = optim.clip_grad_norm(self.raw_model.parameters(), self.cfg.max_grad_norm)
+            # an inf or nan norm is a step the fp16 GradScaler skips: counted, not averaged into the curve
+            finite = torch.isfinite(norm).to(self.norms.device)
+            self.norm_sum += torch.where(finite, norm.to(self.norm_sum.device), 0.0)
+            self.norms += finite
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -332,19 +363,24 @@ class Trainer:
 
     def _log(self, bar):
         """The interval's loss and gradient norm (mean over updates and ranks), learning rate and speed."""
-        totals = self._sum_over_ranks(np.array([self.loss_sum.item(), self.norm_sum.item(), self.updates,
-                                                *self.meter.counts()]))
+        totals = self._sum_over_ranks(np.array([self.loss_sum.item(), self.norm_sum.item(), self.norms.item(),
+                                                self.updates, *self.meter.counts()]))
         self._check_finite(totals[0])
-        speed = self.meter.lap(totals[3:])
-        logged = {"loss": totals[0] / max(totals[2], 1), "lr": self.scheduler.get_last_lr()[0], **speed}
-        if self.cfg.max_grad_norm:  # the norm before clipping
-            logged["grad_norm"] = totals[1] / max(totals[2], 1)
+        loss, norm_sum, norms, updates = totals[:4]
+        speed = self.meter.lap(totals[4:])
+        logged = {"loss": loss / max(updates, 1), "lr": self.scheduler.get_last_lr()[0], **speed}
+        if self.cfg.max_grad_norm:  # the norm before clipping, over the steps whose norm was finite
+            logged["grad_norm"] = norm_sum / max(norms, 1)
+            if self.precision == "fp16":  # every rank counts every step: the sums are world_size x the count
+                skipped = int(round((updates - norms) / self.dist.world_size))
+                logged["skipped_steps"] = skipped
+                self.state.skipped_steps += skipped
         self.writer.scalars(logged, self.state.step, "train/")
         bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}",
                         samples_s=f"{speed['samples_per_s']:.1f}", pad=f"{speed['padding_fraction']:.1%}",
                         mfu=f"{speed['mfu']:.2f}")
-        self.loss_sum.zero_()
-        self.norm_sum.zero_()
+        for total in (self.loss_sum, self.norm_sum, self.norms):
+            total.zero_()
         self.updates = 0
         self.logged_step = self.state.step
 
@@ -382,7 +418,7 @@ class Trainer:
             state.best, state.best_step = record, state.step
             if self.dist.is_main:
                 checkpoint.export(self.raw_model, self.tokenizer, os.path.join(cfg.output_dir, "best"),
-                                  self.export_info)
+                                  {**self.export_info, "step": state.step})
         elif cfg.early_stopping_patience and waited >= cfg.early_stopping_patience:
             state.stopped = {
                 "step": state.step, "reason": "early_stopping",
@@ -417,9 +453,6 @@ class Trainer:
     def _sum_over_ranks(self, values: np.ndarray) -> np.ndarray:
         return distributed.all_reduce_sum(values, self.device)
 
-    def _any_rank(self, flag: bool) -> bool:
-        return distributed.any_rank(flag, self.device) if self.dist.world_size > 1 else flag
-
     def _measure_peak(self) -> float:
         """The job's matmul peak: each rank's, summed."""
         return float(self._sum_over_ranks(np.array([reporting.matmul_peak_flops(self.device, self.precision)]))[0])
@@ -438,7 +471,8 @@ class Trainer:
         self.meter.peak = (self.peak + self._measure_peak()) / 2
         speed = self.meter.overall()
         if self.dist.is_main:
-            checkpoint.export(self.raw_model, self.tokenizer, os.path.join(cfg.output_dir, "last"), self.export_info)
+            checkpoint.export(self.raw_model, self.tokenizer, os.path.join(cfg.output_dir, "last"),
+                              {**self.export_info, "step": state.step})
             checkpoint.write_json(os.path.join(cfg.output_dir, "results.json"), self._results(speed))
             final_metrics = {k: v for k, v in (state.final or {}).items() if k not in ("epoch", "step")}
             if state.best:
@@ -460,6 +494,7 @@ class Trainer:
             "precision": self.precision, "labels": self.labels.names, "stopped": state.stopped,
             "class_weights": dict(zip(self.labels.names, weights.tolist())) if weights is not None else None,
             "speedups": self.speedups,
+            "skipped_steps": state.skipped_steps,  # fp16: steps the GradScaler skipped
             "train_seconds": self.meter.totals["seconds"],  # the training steps alone
             "loop_seconds": state.loop_seconds,  # with evaluations and checkpoints
             "train_samples_per_s": speed["samples_per_s"],

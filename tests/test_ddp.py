@@ -37,5 +37,6 @@ def evaluate_in_one_process(model_dir, csv):
     table = data.read_table(csv, "review", "label")
     ids, _ = trained.tokenize(table.text.tolist())
     ds = data.EncodedDataset(ids, trained.labels.encode(table, csv))
-    loader = inference.length_sorted_loader(ds, 16, inference.collator(trained.tokenizer, cpu, trained.model.config), cpu)
+    collate = inference.collator(trained.tokenizer, cpu, trained.model.config)
+    loader = inference.length_sorted_loader(ds, 16, collate, cpu)
     return evaluate(trained.model, loader, len(trained.labels), cpu).metrics

@@ -184,3 +184,49 @@ def test_a_column_named_twice_is_an_error_that_names_it(tmp_path):
     path.write_text("label,review,review\n1,good,other\n0,bad,other\n")
     with pytest.raises(UserError, match=r"twice\.csv: the header names column\(s\) 'review' more than once"):
         data.read_table(str(path), "review", "label")
+
+
+def test_fp16_steps_the_scaler_skips_are_counted_not_averaged_into_the_norm(tiny_model, make_csv, tmp_path,
+                                                                            monkeypatch):
+    """A loss scale far too high: the first steps' fp16 gradients overflow and the GradScaler skips them."""
+    from functools import partial
+    import json
+    from bert_finetune import train
+    monkeypatch.setattr(train.torch.amp, "GradScaler", partial(torch.amp.GradScaler, init_scale=2.0 ** 60))
+    out = tmp_path / "out"
+    r = run_train(train_args(tiny_model, make_csv(n=100), out, "--epochs", 1, "--precision", "fp16"))
+    assert r["precision"] == "fp16" and r["skipped_steps"] >= 3  # 2**60 takes several halvings to be usable
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "runs" / os.listdir(out / "runs")[0]))
+    acc.Reload()
+    assert sum(e.value for e in acc.Scalars("train/skipped_steps")) == r["skipped_steps"]
+    assert all(np.isfinite(e.value) for e in acc.Scalars("train/grad_norm"))
+    assert json.load(open(out / "best" / "bert_finetune.json"))["step"] == r["best_step"]
+
+
+def test_best_ahead_of_the_resumed_checkpoint_is_exported_again(tiny_model, make_csv, tmp_path, capsys):
+    """Killed after best/ was exported at an evaluation but before the checkpoint that records it: the resumed
+    run puts best/ back to what its state says, and ends with best/ and last/ equal to an unbroken run's."""
+    import json
+    import shutil
+    from safetensors.torch import load_file
+    from test_resume import assert_bitwise_equal
+    csv = make_csv(n=200)
+    args = lambda out, *extra: train_args(tiny_model, csv, out, "--epochs", 3, "--seed", 2,  # noqa: E731
+                                          "--save-total-limit", 100, "--metric-for-best", "loss", *extra)
+    straight = tmp_path / "straight"
+    r = run_train(args(straight))
+    evaluations = [e["step"] for e in r["evaluations"]]
+    # the broken run: its checkpoints up to the first evaluation, and a best/ from a later one
+    broken = tmp_path / "broken"
+    os.makedirs(broken)
+    shutil.copytree(straight / f"checkpoint-step{evaluations[0]:06d}", broken / f"checkpoint-step{evaluations[0]:06d}")
+    shutil.copytree(straight / "last", broken / "best")
+    assert json.load(open(broken / "best" / "bert_finetune.json"))["step"] == evaluations[-1]
+    capsys.readouterr()
+    run_train(args(broken, "--resume", "auto"))
+    assert f"exported again from step {evaluations[0]}, the best evaluation" in capsys.readouterr().out
+    assert_bitwise_equal(straight, broken)
+    a, b = load_file(straight / "best" / "model.safetensors"), load_file(broken / "best" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(broken / "best" / "bert_finetune.json"))["step"] == r["best_step"]

@@ -192,3 +192,29 @@ def test_a_dead_rank_ends_the_job(tiny_model, make_csv, tmp_path):
         if proc.poll() is None:
             kill_job(proc)
     assert proc.returncode != 0 and time.time() - t0 < 60
+
+
+def test_a_frozen_rank_ends_the_job_after_the_dist_timeout(tiny_model, make_csv, tmp_path):
+    """A rank that hangs (SIGSTOP) rather than dies: the other fails in its next collective after
+    --dist-timeout seconds and the job ends, instead of waiting forever (or for the 30-minute default)."""
+    csv = make_csv(n=400)
+    out = tmp_path / "frozen"
+    proc = start(train_cmd(train_args(tiny_model, csv, out, "--epochs", 1000, "--save-steps", 5,
+                                      "--dist-timeout", 5), 2))
+    wait_for_checkpoints(proc, out, 1)
+    workers = [p for p in descendants(proc.pid) if "torchrun" not in open(f"/proc/{p}/cmdline").read()
+               and "bert_finetune.train" in open(f"/proc/{p}/cmdline").read()]
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        proc.wait(timeout=120)
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            kill_job(proc)
+    assert proc.returncode != 0 and time.time() - t0 < 120
