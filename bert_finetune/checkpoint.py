@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from safetensors.torch import load_file, save as save_bytes
 
-from .errors import UserError
+from .errors import UserError, WriteError
 
 log = logging.getLogger("bert_finetune")
 
@@ -45,11 +45,6 @@ def _fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class WriteError(UserError):
-    """A write that failed (disk full, quota, permissions, a file system gone): one line, and what was
-    written before stays as it was."""
 
 
 @contextmanager

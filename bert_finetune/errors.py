@@ -1,4 +1,4 @@
-"""The one-line user error, the argument parser that raises it, and the wrapper every entry point runs under."""
+"""The one-line user error (and its kind for a failed write), the argument parser that raises it, and the wrapper every entry point runs under."""
 import argparse
 import functools
 import logging
@@ -7,6 +7,11 @@ import sys
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+class WriteError(UserError):
+    """A write that failed (disk full, quota, permissions, a file system gone): one line that names the path
+    and the cause; what was written before stays as it was."""
 
 
 EXIT_USER_ERROR = 2

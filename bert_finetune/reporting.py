@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from .errors import WriteError
 from .precision import cpu_has_fast
 
 log = logging.getLogger("bert_finetune")
@@ -26,36 +27,44 @@ def setup_logging(rank: int = 0):
 
 
 class Writer:
-    """TensorBoard on rank 0; a no-op elsewhere."""
+    """TensorBoard on rank 0; a no-op elsewhere. A failed write (disk full, ...) is a WriteError: TensorBoard
+    writes in a thread of its own and raises the thread's error at the next call."""
 
     def __init__(self, logdir: str | None):
-        self.tb = None
+        self.tb, self.logdir = None, logdir
         if logdir:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(logdir)
+            self.tb = self._call(SummaryWriter, logdir)
 
-    def scalars(self, values: dict, step: int, prefix: str = ""):
-        if self.tb:
-            for k, v in values.items():
-                self.tb.add_scalar(f"{prefix}{k}", v, step)
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            raise WriteError(f"cannot write TensorBoard events in {self.logdir}: {e.strerror or e}") from None
 
     @property
     def enabled(self) -> bool:
         return self.tb is not None
 
+    def scalars(self, values: dict, step: int, prefix: str = ""):
+        if self.tb:
+            for k, v in values.items():
+                self._call(self.tb.add_scalar, f"{prefix}{k}", v, step)
+
     def image(self, tag: str, rgb, step: int):
         """An image, height x width x 3 (uint8)."""
         if self.tb:
-            self.tb.add_image(tag, rgb, step, dataformats="HWC")
+            self._call(self.tb.add_image, tag, rgb, step, dataformats="HWC")
 
     def pr_curve(self, tag: str, is_positive, scores, step: int):
         """A precision-recall curve of one class: truth as booleans, that class's probability as scores."""
         if self.tb:
-            self.tb.add_pr_curve(tag, np.asarray(is_positive, dtype=bool), np.asarray(scores, dtype=np.float32), step)
+            self._call(self.tb.add_pr_curve, tag, np.asarray(is_positive, dtype=bool),
+                       np.asarray(scores, dtype=np.float32), step)
 
     def text(self, tag: str, markdown: str, step: int):
         if self.tb:
-            self.tb.add_text(tag, markdown, step)
+            self._call(self.tb.add_text, tag, markdown, step)
 
     def hparams(self, hparams: dict, metrics: dict, step: int | None = None, prefix: str = "hparams/"):
         """The run's settings and final metrics for the HParams tab, in this run's own folder.
@@ -70,18 +79,18 @@ class Writer:
         values = {k: v if isinstance(v, (int, float, str)) else str(v) for k, v in hparams.items() if v is not None}
         tagged = {f"{prefix}{k}": float(v) for k, v in metrics.items()}
         for summary in hparams_summaries(values, tagged):
-            self.tb.file_writer.add_summary(summary, step)
+            self._call(self.tb.file_writer.add_summary, summary, step)
         for tag, v in tagged.items():
-            self.tb.add_scalar(tag, v, step)
+            self._call(self.tb.add_scalar, tag, v, step)
 
     def flush(self):
         if self.tb:
-            self.tb.flush()
+            self._call(self.tb.flush)
 
     def close(self):
         if self.tb:
-            self.tb.close()
-            self.tb = None
+            tb, self.tb = self.tb, None
+            self._call(tb.close)
 
 
 def progress(total: int, initial: int, enabled: bool):

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from . import (checkpoint, config, data, distributed, inference, metrics, modeling, optim, precision, reporting, rng,
                speedups, visuals)
-from .errors import UserError, cli
+from .errors import UserError, WriteError, cli
 from .evaluate import evaluate
 from .sampling import LengthGroupedSampler, steps_per_epoch
 from .state import TrainState, after_step
@@ -284,10 +284,7 @@ class Trainer:
             rng.set_state(self.saved_rng)
         stop = StopRequest()
         self.model.train()
-        # sums over the interval since the last log, kept on the device: reading them would wait for it
-        self.loss_sum, self.norm_sum, self.norms = (torch.zeros((), device=self.device) for _ in range(3))
-        self.updates = 0  # optimizer steps since the last log
-        self.logged_step = state.step
+        self._start_interval()
         bar = reporting.progress(self.total_steps, state.step, self.dist.is_main)
         t_start = time.perf_counter() - state.loop_seconds
         try:
@@ -379,10 +376,12 @@ class Trainer:
         bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}",
                         samples_s=f"{speed['samples_per_s']:.1f}", pad=f"{speed['padding_fraction']:.1%}",
                         mfu=f"{speed['mfu']:.2f}")
-        for total in (self.loss_sum, self.norm_sum, self.norms):
-            total.zero_()
-        self.updates = 0
-        self.logged_step = self.state.step
+        self._start_interval()
+
+    def _start_interval(self):
+        """Sums over the steps since the last log, kept on the device: reading them would wait for it."""
+        self.loss_sum, self.norm_sum, self.norms = (torch.zeros((), device=self.device) for _ in range(3))
+        self.updates, self.logged_step = 0, self.state.step
 
     def _check_finite(self, loss_sum: float):
         """A nan or infinite loss in fp32 or bf16 ends the run before anything is evaluated or saved from it, so
@@ -440,9 +439,9 @@ class Trainer:
                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(), "train_state": state.state_dict(), "rng": rngs,
                     "config": config.to_dict(cfg), "world_size": self.dist.world_size})
-            except checkpoint.WriteError as e:
+            except WriteError as e:
                 kept = checkpoint.list_checkpoints(cfg.output_dir)
-                raise checkpoint.WriteError(f"{e}; {os.path.basename(kept[-1]) if kept else 'no checkpoint'} is "
+                raise WriteError(f"{e}; {os.path.basename(kept[-1]) if kept else 'no checkpoint'} is "
                                             f"kept: continue with --resume auto once it can be written") from None
             self.checkpoint_bytes = checkpoint.size_of(path)
             best = checkpoint.path_for(cfg.output_dir, state.best_step) if state.best_step is not None else None

@@ -230,3 +230,18 @@ def test_best_ahead_of_the_resumed_checkpoint_is_exported_again(tiny_model, make
     a, b = load_file(straight / "best" / "model.safetensors"), load_file(broken / "best" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.load(open(broken / "best" / "bert_finetune.json"))["step"] == r["best_step"]
+
+
+def test_a_failed_tensorboard_write_is_one_line(tiny_model, make_csv, tmp_path, monkeypatch, capsys):
+    import errno
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        run_train(train_args(tiny_model, make_csv(n=100), out, "--epochs", 1, "--run-name", "r"))
+    assert stopped.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == f"error: cannot write TensorBoard events in {out / 'runs' / 'r'}: No space left on device"

@@ -151,14 +151,31 @@ def test_balanced_weights_equal_scikit_learn():
     np.testing.assert_allclose(data.balanced_class_weights([0] * 180 + [1] * 20, 2), [200 / 360, 5.0])
 
 
-def test_class_weights_and_layer_decay_in_a_run(tiny_model, tmp_path, capsys):
+def test_class_weights_and_layer_decay_in_a_run(tiny_model, tmp_path, capsys, monkeypatch):
     from sklearn.utils.class_weight import compute_class_weight
     rows = synthetic_rows(300, seed=5)
     rows = [r for r in rows if r["label"] == "neg"] + [r for r in rows if r["label"] == "pos"][:50]  # 150:50
     train = write_csv(tmp_path / "imb.csv", rows)
     held = write_csv(tmp_path / "eval.csv", synthetic_rows(60, seed=6))
+    calls, cross_entropy = [], torch.nn.functional.cross_entropy
+
+    def recorded(logits, targets, weight=None, reduction="mean", **kw):
+        loss = cross_entropy(logits, targets, weight=weight, reduction=reduction, **kw)
+        calls.append((logits.detach().clone(), targets.clone(), weight, reduction, loss.detach()))
+        return loss
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recorded)
     r = run_train(train_args(tiny_model, train, tmp_path / "o", "--eval-file", held, "--epochs", 1,
                              "--class-weights", "balanced", "--layer-lr-decay", 0.8))
+    monkeypatch.undo()
+    # every training step's loss is the weighted mean, computed here independently; held-out losses are not weighted
+    training = [c for c in calls if c[3] == "mean"]
+    held_out = [c for c in calls if c[3] == "sum"]
+    assert len(training) == 25 and held_out and all(c[2] is None for c in held_out)
+    w = torch.tensor([200 / (2 * 150), 200 / (2 * 50)])  # n / (classes x count)
+    for logits, y, weight, _, loss in training:
+        assert torch.allclose(weight.cpu(), w)
+        picked = -torch.log_softmax(logits.float(), -1).gather(1, y[:, None])[:, 0]
+        assert torch.allclose(loss, (w[y] * picked).sum() / w[y].sum(), rtol=1e-5)
     y = pd.read_csv(train)["label"]
     expected = compute_class_weight("balanced", classes=np.array(["neg", "pos"]), y=y)
     assert r["class_weights"] == pytest.approx(dict(zip(["neg", "pos"], expected)), rel=1e-12)

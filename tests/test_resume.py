@@ -1,5 +1,6 @@
 """Kill, preempt, corrupt: a resumed run ends bitwise equal to an unbroken one."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,19 +99,34 @@ def test_sigkill_then_resume_is_bitwise_equal(tiny_model, make_csv, tmp_path, np
     assert_bitwise_equal(straight, out)
 
 
-def test_sigterm_saves_says_so_and_resumes_bitwise(tiny_model, make_csv, tmp_path):
+@pytest.mark.parametrize("nproc", [1])
+def test_sigterm_saves_says_so_and_resumes_bitwise(tiny_model, make_csv, tmp_path, nproc):
+    """SIGTERM (to the one process, or to one worker of two: the other learns it in the step's all-reduce)
+    saves a checkpoint at the step it names, and the resume continues from exactly that one."""
     csv = make_csv(n=400)
-    straight = unbroken(tmp_path, tiny_model, csv)
+    straight = unbroken(tmp_path, tiny_model, csv, nproc)
     out = tmp_path / "term"
-    proc = start(train_cmd(args_for(tiny_model, csv, out)))
+    proc = start(train_cmd(args_for(tiny_model, csv, out), nproc))
     wait_for_checkpoints(proc, out, 1)
-    proc.send_signal(signal.SIGTERM)
-    log = proc.communicate(timeout=60)[0]
+    if nproc == 1:
+        proc.send_signal(signal.SIGTERM)
+    else:
+        workers = [p for p in descendants(proc.pid) if "torchrun" not in open(f"/proc/{p}/cmdline").read()
+                   and "bert_finetune.train" in open(f"/proc/{p}/cmdline").read()]
+        os.kill(workers[-1], signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
     assert proc.returncode not in (0, None)
-    assert "stopped by SIGTERM" in log and "--resume auto" in log and "Traceback" not in log
-    assert not os.path.exists(out / "last")
-    p = python_m("bert_finetune.train", ["--single-gpu", *args_for(tiny_model, csv, out, "--resume", "auto")])
+    stopped = re.search(r"stopped by (SIGTERM|a stop signal on another rank) at step (\d+): checkpoint saved; "
+                        r"continue with --resume auto", log)
+    assert stopped and "Traceback" not in log.split("torch.distributed.elastic")[0], log[-3000:]
+    if nproc == 2:
+        assert "stopped by SIGTERM" in log and "stopped by a stop signal on another rank" in log  # both ranks
+    saved = out / f"checkpoint-step{int(stopped.group(2)):06d}"
+    assert checkpoints(out)[-1] == saved.name and not os.path.exists(out / "last")
+    p = subprocess.run(train_cmd(args_for(tiny_model, csv, out, "--resume", "auto"), nproc), env=env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"resumed from {saved}: step {int(stopped.group(2))}," in p.stdout
     assert_bitwise_equal(straight, out)
 
 
@@ -218,3 +234,17 @@ def test_a_frozen_rank_ends_the_job_after_the_dist_timeout(tiny_model, make_csv,
         if proc.poll() is None:
             kill_job(proc)
     assert proc.returncode != 0 and time.time() - t0 < 120
+
+
+def test_a_same_size_corruption_and_a_missing_manifest_are_caught(tmp_path):
+    from bert_finetune import checkpoint
+    for step in (1, 2, 3):
+        checkpoint.save(str(tmp_path), step, {"w": torch.full((64,), float(step))}, {"step": step})
+    newest, middle = tmp_path / "checkpoint-step000003", tmp_path / "checkpoint-step000002"
+    blob = bytearray((newest / "model.safetensors").read_bytes())
+    blob[-1] ^= 0xFF  # one bit pattern changed, the size the same
+    (newest / "model.safetensors").write_bytes(bytes(blob))
+    assert checkpoint.problem(str(newest)) == "model.safetensors is corrupted (checksum mismatch)"
+    os.remove(middle / "manifest.json")
+    assert "no readable manifest.json" in checkpoint.problem(str(middle))
+    assert checkpoint.find_resume("auto", str(tmp_path)) == str(tmp_path / "checkpoint-step000001")

@@ -60,22 +60,36 @@ def test_best_is_the_best_epoch_and_last_the_final_weights(tiny_model, make_csv,
     assert same == (r["best"]["step"] == r["final"]["step"])
 
 
+def scalars(out, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "runs" / os.listdir(out / "runs")[0]))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
 def test_grad_accumulation_matches_a_larger_batch(tiny_model, make_csv, tmp_path):
-    """2 x 4 accumulated = one batch of 8 (random sampler order is the same; dropout off)."""
-    csv = make_csv(n=64)
+    """2 x 4 accumulated = one batch of 8, the short last group included (9 micro-batches: the last group has
+    one, scaled by 1, as the last batch of 4 is), with clipping on: the logged loss and gradient norm of every
+    step and the final weights agree (random sampler order is the same; dropout off)."""
+    csv = make_csv(n=48)  # 36 training rows
     cfg = tmp_path / "nodrop"
     from conftest import build_tiny_model
     model = build_tiny_model(str(cfg))
     c = json.load(open(cfg / "config.json"))
     c["hidden_dropout_prob"] = c["attention_probs_dropout_prob"] = 0.0
     json.dump(c, open(cfg / "config.json", "w"))
-    common = ["--epochs", 1, "--sampler", "random", "--max-grad-norm", 0, "--eval-split", 0.25]
+    common = ["--epochs", 1, "--sampler", "random", "--max-grad-norm", 0.0005, "--eval-split", 0.25, "--log-steps", 1]
     a = train_args(model, csv, tmp_path / "a", *common)
     b = train_args(model, csv, tmp_path / "b", *common, "--grad-accum", 2)
     b[b.index("--batch-size") + 1] = "4"
     ra, rb = run_train(a), run_train(b)
-    assert ra["steps"] == rb["steps"] == 6
-    wa, wb = load_file(tmp_path / "a" / "last" / "model.safetensors"), load_file(tmp_path / "b" / "last" / "model.safetensors")
+    assert ra["steps"] == rb["steps"] == 5
+    for tag in ("train/loss", "train/grad_norm"):
+        (steps, want), (_, got) = zip(*scalars(tmp_path / "a", tag)), zip(*scalars(tmp_path / "b", tag))
+        assert list(steps) == [1, 2, 3, 4, 5]
+        np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=tag)
+    assert min(v for _, v in scalars(tmp_path / "a", "train/grad_norm")) > 0.0005  # clipping was at work
+    wa, wb = (load_file(tmp_path / d / "last" / "model.safetensors") for d in ("a", "b"))
     w0 = load_file(os.path.join(model, "model.safetensors"))
     moved = max((wa[k] - w0[k]).abs().max().item() for k in wa if k in w0)
     # equal up to float noise from the two batch shapes (Adam magnifies it in early steps), far below the move
