@@ -191,49 +191,31 @@ def test_rotation_keeps_newest_and_best(tmp_path):
     assert checkpoint.find_resume("auto", str(tmp_path)).endswith("checkpoint-step000005")
 
 
-def test_a_dead_rank_ends_the_job(tiny_model, make_csv, tmp_path):
+@pytest.mark.parametrize("sig,timeout", [(signal.SIGKILL, 60), (signal.SIGSTOP, 120)])
+def test_a_dead_or_frozen_rank_ends_the_job(tiny_model, make_csv, tmp_path, sig, timeout):
+    """A rank that dies (SIGKILL): torchrun ends the job. A rank that hangs (SIGSTOP): the other fails in its
+    next collective after --dist-timeout seconds and the job ends, instead of waiting for the 30-minute default."""
     csv = make_csv(n=400)
-    out = tmp_path / "dead"
-    proc = start(train_cmd(train_args(tiny_model, csv, out, "--epochs", 1000, "--save-steps", 5,
-                                      "--dist-timeout", 10), 2))
-    wait_for_checkpoints(proc, out, 1)
-    workers = [p for p in descendants(proc.pid) if "torchrun" not in open(f"/proc/{p}/cmdline").read()
-               and "bert_finetune.train" in open(f"/proc/{p}/cmdline").read()]
-    assert len(workers) == 2
-    os.kill(workers[-1], signal.SIGKILL)
-    t0 = time.time()
-    try:
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            kill_job(proc)
-    assert proc.returncode != 0 and time.time() - t0 < 60
-
-
-def test_a_frozen_rank_ends_the_job_after_the_dist_timeout(tiny_model, make_csv, tmp_path):
-    """A rank that hangs (SIGSTOP) rather than dies: the other fails in its next collective after
-    --dist-timeout seconds and the job ends, instead of waiting forever (or for the 30-minute default)."""
-    csv = make_csv(n=400)
-    out = tmp_path / "frozen"
+    out = tmp_path / "job"
     proc = start(train_cmd(train_args(tiny_model, csv, out, "--epochs", 1000, "--save-steps", 5,
                                       "--dist-timeout", 5), 2))
     wait_for_checkpoints(proc, out, 1)
     workers = [p for p in descendants(proc.pid) if "torchrun" not in open(f"/proc/{p}/cmdline").read()
                and "bert_finetune.train" in open(f"/proc/{p}/cmdline").read()]
     assert len(workers) == 2
-    os.kill(workers[-1], signal.SIGSTOP)
+    os.kill(workers[-1], sig)
     t0 = time.time()
     try:
-        proc.wait(timeout=120)
+        proc.wait(timeout=timeout)
     finally:
-        for pid in workers:
+        for pid in workers:  # a stopped worker takes only SIGKILL
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         if proc.poll() is None:
             kill_job(proc)
-    assert proc.returncode != 0 and time.time() - t0 < 120
+    assert proc.returncode != 0 and time.time() - t0 < timeout
 
 
 def test_a_same_size_corruption_and_a_missing_manifest_are_caught(tmp_path):
