@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bert_finetune import data, metrics, precision, reporting
+from bert_finetune import data, metrics, precision, reading, reporting
 from conftest import python_m, run_train, torchrun, train_args
 
 
@@ -169,13 +169,13 @@ def test_label_cells_that_mean_no_label_are_reported_and_1_equals_1_0(tmp_path, 
     path = tmp_path / "labels.csv"
     path.write_text("label,review\n" + "".join(f"{y},{t}\n" for y, t in rows))
     with caplog.at_level("WARNING", logger="bert_finetune"):
-        table = data.read_table(str(path), "review", "label")
+        table = reading.read_table(str(path), "review", "label")
     assert sorted(set(table["label"])) == ["0", "1"]  # NA, null, None and empty are not classes
     assert table["row"].tolist() == [2, 3, 5, 8]
     assert "4 row(s) with no label (empty, NA, null, ...) in column 'label', lines 4, 6, 7, 9" in caplog.text
     from bert_finetune.errors import UserError
     with pytest.raises(UserError, match=r"4 row\(s\) with no label .* lines 4, 6, 7, 9 \(--strict\)"):
-        data.read_table(str(path), "review", "label", strict=True)
+        reading.read_table(str(path), "review", "label", strict=True)
 
 
 def test_a_column_named_twice_is_an_error_that_names_it(tmp_path):
@@ -183,7 +183,7 @@ def test_a_column_named_twice_is_an_error_that_names_it(tmp_path):
     path = tmp_path / "twice.csv"
     path.write_text("label,review,review\n1,good,other\n0,bad,other\n")
     with pytest.raises(UserError, match=r"twice\.csv: the header names column\(s\) 'review' more than once"):
-        data.read_table(str(path), "review", "label")
+        reading.read_table(str(path), "review", "label")
 
 
 def test_fp16_steps_the_scaler_skips_are_counted_not_averaged_into_the_norm(tiny_model, make_csv, tmp_path,
@@ -245,3 +245,27 @@ def test_a_failed_tensorboard_write_is_one_line(tiny_model, make_csv, tmp_path, 
     assert stopped.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line == f"error: cannot write TensorBoard events in {out / 'runs' / 'r'}: No space left on device"
+
+
+def test_max_steps_caps_the_schedule_and_a_changed_setting_on_resume_is_named(tiny_model, make_csv, tmp_path,
+                                                                              capsys):
+    """--max-steps 6 of 2 x 13 planned: warmup is a fifth of 6 (2 steps), the learning rate reaches 0 at step
+    6 (not at 26), the run says why it stopped; resuming with another --lr warns and names the change."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "o"
+    args = train_args(tiny_model, make_csv(n=130), out, "--epochs", 2, "--max-steps", 6, "--warmup-ratio", 0.2,
+                      "--log-steps", 1, "--run-name", "r")
+    r = run_train(args)
+    assert r["stopped"]["reason"] == "max_steps" and r["stopped"]["step"] == 6
+    acc = EventAccumulator(str(out / "runs" / "r"), size_guidance={"scalars": 0})
+    acc.Reload()
+    lr = [(s.step, s.value) for s in acc.Scalars("train/lr")]  # logged after each step's scheduler update
+    peak = 2e-3
+    assert [step for step, _ in lr] == [1, 2, 3, 4, 5, 6]
+    assert 0 < lr[0][1] < peak  # warming up
+    assert [v for _, v in lr[1:]] == pytest.approx([peak, peak * 3 / 4, peak * 2 / 4, peak / 4, 0.0]), lr
+    assert "warmup 2" in capsys.readouterr().out
+    run_train([*args, "--max-steps", "8", "--lr", "1e-3", "--resume", "auto"])
+    logged = capsys.readouterr().out
+    assert "resuming with settings that differ from the checkpoint's: " in logged
+    assert "lr 0.002 -> 0.001" in logged and "max_steps 6 -> 8" in logged

@@ -99,7 +99,7 @@ def test_sigkill_then_resume_is_bitwise_equal(tiny_model, make_csv, tmp_path, np
     assert_bitwise_equal(straight, out)
 
 
-@pytest.mark.parametrize("nproc", [1])
+@pytest.mark.parametrize("nproc", [1, 2])
 def test_sigterm_saves_says_so_and_resumes_bitwise(tiny_model, make_csv, tmp_path, nproc):
     """SIGTERM (to the one process, or to one worker of two: the other learns it in the step's all-reduce)
     saves a checkpoint at the step it names, and the resume continues from exactly that one."""
