@@ -4,6 +4,7 @@ Nothing here touches the file system beyond reading the YAML file, and nothing p
 building a Config has no side effects.
 """
 import argparse
+import codecs
 import dataclasses
 import math
 import os
@@ -34,6 +35,9 @@ class Config:
     head_tokens: int = trajectory(0)  # head_tail: tokens kept from the start (0 = a quarter of the budget)
     text_pair_column: str = trajectory("")  # a second text per row, tokenized with the first as a BERT sentence pair
     strict: bool = False  # rows with empty text are an error instead of being skipped
+    # the data files' text encoding, e.g. gb18030, utf-16, cp1252 ("" = detect it: UTF-8, a byte-order mark,
+    # else charset-normalizer's guess); not a trajectory setting: the same text is read either way
+    encoding: str = ""
     trust_remote_code: bool = False
     cache_dir: str = "~/.cache/bert_finetune/tokens"  # token ids of earlier runs ("" = no cache)
     # optimisation
@@ -54,7 +58,10 @@ class Config:
     seed: int = trajectory(42)
     # outputs
     output_dir: str = "outputs"
-    run_name: str = ""  # TensorBoard run folder under OUTPUT/runs/ ("" = a timestamp)
+    # TensorBoard: LOGGING_DIR/RUN_NAME, relative to where the job starts, as torch's SummaryWriter does, so that
+    # `tensorboard --logdir runs` in that folder shows every job started there side by side
+    logging_dir: str = "runs"
+    run_name: str = ""  # "" = the output folder's name and the start time; a resumed run keeps its own
     log_steps: int = 20
     save_steps: int = 0  # also checkpoint every N optimizer steps (0 = only at each epoch's end)
     save_total_limit: int = 2
@@ -82,6 +89,18 @@ CHOICES = {
 POSITIVE = ("batch_size", "eval_batch_size", "grad_accum", "max_length", "epochs", "log_steps", "dist_timeout")
 NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_steps", "limit", "save_steps", "save_total_limit", "head_tokens",
                 "eval_steps", "early_stopping_patience")
+
+
+def text_encoding(name: str, what: str = "--encoding") -> str:
+    """The Python codec name of a text encoding (gbk, GB18030, utf_16, ...); one UserError line for a name Python
+    does not know or one that is no text encoding (base64, rot13)."""
+    try:
+        info = codecs.lookup(name)
+    except (LookupError, TypeError, ValueError):
+        info = None
+    if info is None or not getattr(info, "_is_text_encoding", True):
+        raise UserError(f"{what} {name}: not a text encoding Python knows (e.g. utf-8, gb18030, utf-16, cp1252)")
+    return info.name
 
 
 def flag(name: str) -> str:
@@ -112,6 +131,8 @@ def validate(cfg: Config) -> Config:
     if cfg.text_pair_column and cfg.truncation != "head":
         raise UserError(f"--truncation {cfg.truncation} works on single texts; with --text-pair-column only "
                         f"--truncation head (the longer text is cut first) is supported")
+    if cfg.encoding:
+        text_encoding(cfg.encoding)
     if cfg.text_pair_column and cfg.text_pair_column in (cfg.text_column, cfg.label_column):
         raise UserError(f"--text-pair-column {cfg.text_pair_column} must differ from --text-column and --label-column")
     return cfg

@@ -1,6 +1,5 @@
-"""CSV in, validated; labels <-> ids; the seeded stratified split; tokenize once; Dataset and collate;
-and a training job's tables and token ids from its settings."""
-import csv
+"""The embedded default data; labels <-> ids; the seeded stratified split; tokenize once; Dataset and collate;
+and a training job's tables and token ids from its settings. Reading a user's file is reading.py's."""
 import hashlib
 import importlib.util
 import json
@@ -13,6 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from . import reading
 from .config import Config
 from .errors import UserError
 
@@ -46,101 +46,10 @@ def embedded_table() -> pd.DataFrame:
                          "row": np.arange(2, len(df) + 2)})
 
 
-def _first_bad_line(path: str) -> int:
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                return number
-    return 0
+# ---------------------------------------------------------------- reading a data file: its encoding, its format
 
-
-def load_csv(path: str, expected_header: str, limit: int = 0) -> pd.DataFrame:
-    """pandas.read_csv with every failure turned into one UserError naming the file (and line)."""
-    try:
-        # utf-8-sig: a leading byte-order mark (Excel's habit) is dropped, not glued to the first header
-        df = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False,
-                         nrows=limit or None, quoting=csv.QUOTE_MINIMAL)
-        # pandas renames a repeated column name (review, review.1): which one is meant is the user's call
-        names = [str(c) for c in pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False,
-                                             nrows=1, header=None).iloc[0]]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise UserError(f"{path}: the header names column(s) {', '.join(map(repr, repeated))} more than once; "
-                            f"rename them so that each column has its own name")
-        return df
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: line {_first_bad_line(path)} is not valid UTF-8 text (save the file as UTF-8)") from None
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{path}: the file is empty (expected a header line such as {expected_header})") from None
-    except pd.errors.ParserError as e:
-        raise UserError(f"{path}: not a valid CSV: {str(e).strip().splitlines()[-1]}") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot be read: {e.strerror}") from None
-
-
-def read_table(path: str, text_column: str, label_column: str | None, limit: int = 0,
-               strict: bool = False, pair_column: str | None = None) -> pd.DataFrame:
-    """Read a CSV into columns text, pair (if pair_column), label (if label_column) and row (its line
-    number in the file).
-
-    Every problem becomes one UserError naming the file, and the column or line where it is.
-    """
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a folder, not a CSV file")
-    df = load_csv(path, f"'{label_column},{text_column}'", limit)
-    columns = [str(c) for c in df.columns]
-    for column, what in ((text_column, "--text-column"), (label_column, "--label-column"),
-                         (pair_column, "--text-pair-column")):
-        if column is not None and column not in columns:
-            raise UserError(f"{path}: no column '{column}' ({what}); the columns are: {', '.join(columns)}")
-    if len(df) == 0:
-        raise UserError(f"{path}: has a header but no rows")
-    out = pd.DataFrame({"text": df[text_column].values, "row": np.arange(2, len(df) + 2)})
-    if pair_column is not None:
-        out["pair"] = df[pair_column].values
-    blank = out["text"].str.strip() == ""
-    if pair_column is not None:
-        blank |= out["pair"].str.strip() == ""
-    problems = [(blank, f"empty text in column {'/'.join(repr(c) for c in (text_column, pair_column) if c)}")]
-    if label_column is not None:
-        out["label"] = canonical_labels(df[label_column].str.strip())
-        problems.append((out["label"].str.lower().isin(MISSING_LABELS),
-                         f"no label (empty, NA, null, ...) in column '{label_column}'"))
-    skipped = np.zeros(len(out), dtype=bool)
-    for mask, what in problems:
-        if mask.any():
-            rows = out.loc[mask, "row"].tolist()
-            where = f"{len(rows)} row(s) with {what}, lines {', '.join(map(str, rows[:5]))}" \
-                    f"{' ...' if len(rows) > 5 else ''}"
-            if strict:
-                raise UserError(f"{path}: {where} (--strict)")
-            log.warning("%s: skipped %s", path, where)
-            skipped |= mask.to_numpy()
-    if skipped.any():
-        out = out[~skipped].reset_index(drop=True)
-        if len(out) == 0:
-            raise UserError(f"{path}: no rows left after skipping the empty ones")
-    return out
-
-
-# label cells that mean "no label" (pandas' own missing-value markers), compared in lower case
-MISSING_LABELS = {"", "na", "n/a", "nan", "null", "none", "#n/a", "<na>"}
-
-
-def canonical_labels(labels: pd.Series) -> pd.Series:
-    """The same class written as 1 and 1.0 (a spreadsheet's export) becomes one: whole numbers lose '.0'."""
-    def canonical(value: str) -> str:
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        return str(int(number)) if number.is_integer() and value.strip().lower() not in MISSING_LABELS else value
-    return labels.map({v: canonical(v) for v in labels.unique()})
-
+# encoding detection looks at this much of a file's start; a byte that does not decode further on is still found,
+# by the full read
 
 class LabelMap:
     """Sorted unique label values <-> ids. Integer-looking labels sort as numbers."""
@@ -166,8 +75,8 @@ class LabelMap:
         unknown = ~table["label"].isin(self.ids)
         if unknown.any():
             first = table[unknown].iloc[0]
-            raise UserError(f"{path}: line {first['row']}: label '{first['label']}' is not one the model knows "
-                            f"({', '.join(self.names)})")
+            raise UserError(f"{path}: {reading.row_unit(table)} {first['row']}: label '{first['label']}' is not one the "
+                            f"model knows ({', '.join(self.names)})")
         return table["label"].map(self.ids).to_numpy(dtype=np.int64)
 
     def __len__(self):
@@ -416,7 +325,8 @@ def load_tables(cfg: Config) -> Tables:
     """The training and held-out tables (split from the training file unless --eval-file), and the labels."""
     pair_column = cfg.text_pair_column or None
     if cfg.train_file:
-        table = read_table(cfg.train_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict, pair_column)
+        table = reading.read_table(cfg.train_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict, pair_column,
+                           cfg.encoding)
         source = cfg.train_file
     elif pair_column:
         raise UserError(f"--text-pair-column {pair_column}: the embedded default data has no second text; "
@@ -429,7 +339,8 @@ def load_tables(cfg: Config) -> Tables:
         raise UserError(f"{source}: column '{cfg.label_column}' holds a single class ({labels.names[0]}); "
                         f"classification needs at least two")
     if cfg.eval_file:
-        held_out = read_table(cfg.eval_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict, pair_column)
+        held_out = reading.read_table(cfg.eval_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict, pair_column,
+                              cfg.encoding)
         labels.encode(held_out, cfg.eval_file)  # fails on labels the training file never had
         return Tables(table, held_out, labels, source, cfg.eval_file)
     train, held_out = split(table, cfg.eval_split, cfg.seed, source)

@@ -7,6 +7,7 @@ Also a CLI that judges a saved model on a labelled CSV (train.py uses only evalu
 """
 import logging
 import os
+import unicodedata
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -14,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, distributed, inference, metrics, reporting, visuals
-from .config import CHOICES
+from . import checkpoint, data, distributed, inference, metrics, reading, reporting, visuals
+from .config import CHOICES, text_encoding
 from .errors import ArgumentParser, UserError, cli
 
 log = logging.getLogger("bert_finetune")
@@ -55,14 +56,24 @@ def evaluate(model, loader, num_labels: int, device: torch.device, autocast=null
 
 # ---------------------------------------------------------------- the CLI
 
+def display_width(text: str) -> int:
+    """Columns a terminal gives the text: a Chinese, Japanese or Korean character takes two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def right(text: str, width: int) -> str:
+    """Right-aligned in `width` terminal columns (str.rjust counts characters, not columns)."""
+    return " " * max(0, width - display_width(text)) + text
+
+
 def report_text(cm: np.ndarray, names, result: dict) -> str:
     """sklearn's classification_report layout: per class, then accuracy, macro and weighted averages."""
     c = metrics.per_class(cm)
-    width = max(12, *(len(n) for n in names))
+    width = max(12, *(display_width(n) for n in names))
     head = f"{'':>{width}} {'precision':>10} {'recall':>10} {'f1-score':>10} {'support':>10}"
     lines = [head, ""]
     for i, name in enumerate(names):
-        lines.append(f"{name:>{width}} {c['precision'][i]:>10.4f} {c['recall'][i]:>10.4f} {c['f1'][i]:>10.4f} "
+        lines.append(f"{right(name, width)} {c['precision'][i]:>10.4f} {c['recall'][i]:>10.4f} {c['f1'][i]:>10.4f} "
                      f"{c['support'][i]:>10d}")
     total = int(cm.sum())
     lines += ["", f"{'accuracy':>{width}} {'':>10} {'':>10} {result['accuracy']:>10.4f} {total:>10d}"]
@@ -77,12 +88,12 @@ def report_text(cm: np.ndarray, names, result: dict) -> str:
 
 def confusion_text(cm: np.ndarray, names) -> str:
     """The confusion matrix as a table: rows are true labels, columns predicted ones."""
-    width = max(6, *(len(n) for n in names), *(len(str(v)) for v in np.asarray(cm).ravel()))
+    width = max(6, *(display_width(n) for n in names), *(len(str(v)) for v in np.asarray(cm).ravel()))
     corner = "true \\ pred"
     first = max(width, len(corner))
-    lines = [f"{corner:>{first}} " + " ".join(f"{n:>{width}}" for n in names)]
+    lines = [f"{corner:>{first}} " + " ".join(right(n, width) for n in names)]
     for name, row in zip(names, np.asarray(cm)):
-        lines.append(f"{name:>{first}} " + " ".join(f"{int(v):>{width}}" for v in row))
+        lines.append(f"{right(name, first)} " + " ".join(f"{int(v):>{width}}" for v in row))
     return "\n".join(lines)
 
 
@@ -96,11 +107,13 @@ def write_report(result: EvalResult, names, output_dir: str, about: dict):
     png_path = os.path.join(output_dir, "confusion_matrix.png")
     checkpoint.write_json(json_path, {**about, "labels": names, "metrics": m, "per_class": per_class,
                                       "confusion_matrix": cm.tolist()})
-    visuals.save_confusion_png(cm, names, png_path, os.path.basename(about["data"]))
+    names_shown = visuals.save_confusion_png(cm, names, png_path, os.path.basename(about["data"]))
     print(f"accuracy {m['accuracy']:.4f}  weighted F1 {m['weighted_f1']:.4f}  macro F1 {m['macro_f1']:.4f}  "
           f"loss {m['loss']:.4f}  ({int(cm.sum())} examples)\n")
     print(report_text(cm, names, m) + "\n")
     print(confusion_text(cm, names) + "\n")
+    if not names_shown:  # no font here has their characters: the picture shows ids
+        print(f"{png_path} shows the labels by id:\n{visuals.label_legend(names)}\n")
     print(f"written: {json_path}, {png_path}", flush=True)
 
 
@@ -110,7 +123,10 @@ def main(argv=None):
                             description="Judge a saved model on a labelled CSV: accuracy, precision/recall/F1, "
                                         "confusion matrix.")
     parser.add_argument("--model", required=True, help="a saved model folder, e.g. outputs/best")
-    parser.add_argument("--data", required=True, help="a CSV file with a text and a label column")
+    parser.add_argument("--data", required=True, help="a data file with a text and a label column: .csv, .tsv, "
+                                                      ".jsonl, .json (a list of objects) or .parquet")
+    parser.add_argument("--encoding", default="", help="the data file's text encoding, e.g. gb18030, utf-16, cp1252 "
+                                                       "(default: detected)")
     parser.add_argument("--text-column", help="default: the one the model was trained with, else 'review'")
     parser.add_argument("--label-column", help="default: the one the model was trained with, else 'label'")
     parser.add_argument("--text-pair-column", help="the second text of a sentence pair; default: the one the model "
@@ -129,6 +145,8 @@ def main(argv=None):
     reporting.setup_logging(rank)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.encoding:
+        text_encoding(args.encoding)
 
     # -- everything that can be wrong with the input is found before the process group forms
     trained = inference.Predictor(args.model, device=torch.device("cpu"), max_length=args.max_length,
@@ -137,12 +155,13 @@ def main(argv=None):
     label_column = args.label_column or trained.saved.get("label_column") or inference.DEFAULT_LABEL_COLUMN
     pair_column = args.text_pair_column or trained.pair_column
     labels = trained.labels
-    table = data.read_table(args.data, text_column, label_column, args.limit, pair_column=pair_column)
+    table = reading.read_table(args.data, text_column, label_column, args.limit, pair_column=pair_column,
+                            encoding=args.encoding)
     unknown = sorted(set(table["label"]) - set(labels.ids))
     if unknown:
         first = table.loc[~table["label"].isin(labels.ids), "row"].iloc[0]
         raise UserError(f"{args.data}: label(s) the model does not know: {', '.join(map(repr, unknown[:10]))}"
-                        f"{' ...' if len(unknown) > 10 else ''} (first on line {first}); "
+                        f"{' ...' if len(unknown) > 10 else ''} (first on {reading.row_unit(table)} {first}); "
                         f"the model knows: {', '.join(labels.names)}")
     output_dir = args.output_dir or f"eval-{os.path.splitext(os.path.basename(args.data))[0]}"
     if rank == 0:

@@ -6,14 +6,13 @@ batches. Train-time evaluation, the evaluate CLI and the predict CLI all go thro
 """
 import json
 import os
-import sys
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import data, modeling, precision
+from . import data, modeling, precision, reporting
 from .errors import UserError
 from .sampling import eval_shard
 
@@ -115,13 +114,11 @@ class Predictor:
 
     def scores(self, ids, batch_size: int = 64, progress: bool = False, types=None) -> np.ndarray:
         """Probabilities [examples, labels] for token ids, in their order."""
-        from tqdm.auto import tqdm
         dataset = data.EncodedDataset(ids, np.zeros(len(ids), dtype=np.int64), token_type_ids=types)
         loader = length_sorted_loader(dataset, batch_size, collator(self.tokenizer, self.device, self.model.config),
                                       self.device)
         out = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
-        with tqdm(total=len(ids), unit="text", disable=not progress, file=sys.stderr, mininterval=1.0,
-                  dynamic_ncols=True) as bar:
+        with reporting.progress(len(ids), 0, progress, unit="text") as bar:
             for batch, batch_logits in logits(self.model, loader, self.device, self.autocast):
                 out[batch["index"].numpy()] = batch_logits.softmax(-1).cpu().numpy()
                 bar.update(len(batch["index"]))

@@ -3,10 +3,11 @@
     python -m bert_finetune.predict --model OUTPUT/best --text "..." [--text "..."]
     python -m bert_finetune.predict --model OUTPUT/best --input FILE|- [--output FILE.csv|FILE.jsonl|-]
 
---input: a .csv file (the text in --text-column), a .jsonl file (one object per line, the text in
---text-column, or one JSON string per line), any other file one example per line, or - for lines
-on standard input. A model trained on sentence pairs takes the second text from --text-pair (one per
---text) or from --text-pair-column of a .csv or .jsonl input. Without --output each example prints as
+--input: a .csv, .tsv, .json (a list of objects) or .parquet file (the text in --text-column), a .jsonl
+file (one object per line, the text in --text-column, or one JSON string per line), any other file one
+example per line, or - for lines on standard input; the text encoding is detected (--encoding forces
+one). A model trained on sentence pairs takes the second text from --text-pair (one per --text) or from
+--text-pair-column of a table or .jsonl input. Without --output each example prints as
 LABEL<tab>PROBABILITY<tab>TEXT (<tab>PAIR); --output writes CSV or JSON Lines by its extension
 (- = JSON Lines on standard output) with the input's own fields followed by prediction, probability
 and the probability of every label. Output rows follow input rows one to one: an empty example gets
@@ -22,8 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import data, modeling, reporting
-from .config import CHOICES
+from . import modeling, reading, reporting
+from .config import CHOICES, text_encoding
 from .errors import ArgumentParser, UserError, cli
 from .inference import DEFAULT_TEXT_COLUMN, Predictor, saved_settings
 
@@ -39,95 +40,91 @@ class Inputs:
     records: list | None  # the input's own fields per example (CSV, JSON Lines), kept in the output
     text_key: str  # the text's field name in the output
     pairs: list | None = None  # the second text of each sentence pair
+    unit: str = "line"  # what `lines` counts in a file: line, or record (JSON, Parquet)
 
 
-def _decoded_lines(stream, name: str):
-    """Lines of a binary stream as text, without their line endings; a bad byte is a one-line error."""
-    for number, raw in enumerate(stream, 1):
-        try:
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{name}: line {number} is not valid UTF-8 text (save the file as UTF-8)") from None
-        yield number, line.rstrip("\n").rstrip("\r")
+def _numbered_lines(text: str) -> list:
+    """(line number, line) for each line of a text, without the line endings (\n or \r\n)."""
+    lines = text.split("\n")
+    if lines[-1] == "":  # the last line's ending, or an empty text
+        lines.pop()
+    return [(number, line.rstrip("\r")) for number, line in enumerate(lines, 1)]
 
 
-def _open_binary(path: str):
+def _read_file_lines(path: str, encoding: str = "") -> list:
+    """A file's (or, for '-', standard input's) numbered lines, decoded as reading.decode_bytes() does: the
+    encoding detected, or --encoding's; a byte that does not decode is a one-line error."""
+    if path == "-":
+        return _numbered_lines(reading.decode_bytes(sys.stdin.buffer.read(), "standard input", encoding))
     if os.path.isdir(path):
         raise UserError(f"--input {path}: is a folder, not a file")
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise UserError(f"--input {path}: cannot be read: {e.strerror}") from None
+    return _numbered_lines(reading.read_text(path, encoding))
 
 
-def read_lines(path: str) -> Inputs:
+def read_lines(path: str, encoding: str = "") -> Inputs:
     """One example per line; '-' is standard input."""
-    name = "standard input" if path == "-" else path
-    if path == "-":
-        lines = list(_decoded_lines(sys.stdin.buffer, name))
-    else:
-        with _open_binary(path) as f:
-            lines = list(_decoded_lines(f, name))
+    lines = _read_file_lines(path, encoding)
     return Inputs([t for _, t in lines], [n for n, _ in lines], None, "text")
 
 
-def read_jsonl(path: str, text_column: str, pair_column: str | None = None) -> Inputs:
+def read_jsonl(path: str, text_column: str, pair_column: str | None = None, encoding: str = "") -> Inputs:
     """One JSON object per line with the text under `text_column` (and the pair's second text under
     `pair_column`), or one JSON string per line."""
     texts, numbers, records, pairs = [], [], [], []
-    with _open_binary(path) as f:
-        for number, line in _decoded_lines(f, path):
-            if not line.strip():  # a blank line keeps its place as an empty example
-                obj = {}
-            else:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}: line {number} is not valid JSON: {e.msg}") from None
-            if isinstance(obj, str):
-                obj = {text_column: obj}
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}: line {number}: expected an object or a string, got {type(obj).__name__}")
-            for field, what in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
-                if obj and field is not None and field not in obj:
-                    raise UserError(f"{path}: line {number}: no field '{field}' ({what}); "
-                                    f"the fields are: {', '.join(map(str, obj))}")
-            text = obj.get(text_column, "")
-            texts.append("" if text is None else str(text))
-            if pair_column is not None:
-                pair = obj.get(pair_column, "")
-                pairs.append("" if pair is None else str(pair))
-            numbers.append(number)
-            records.append(obj)
+    for number, line in _read_file_lines(path, encoding):
+        if not line.strip():  # a blank line keeps its place as an empty example
+            obj = {}
+        else:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {number} is not valid JSON: {e.msg}") from None
+        if isinstance(obj, str):
+            obj = {text_column: obj}
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: line {number}: expected an object or a string, got {type(obj).__name__}")
+        for field, what in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
+            if obj and field is not None and field not in obj:
+                raise UserError(f"{path}: line {number}: no field '{field}' ({what}); "
+                                f"the fields are: {', '.join(map(str, obj))}")
+        text = obj.get(text_column, "")
+        texts.append("" if text is None else str(text))
+        if pair_column is not None:
+            pair = obj.get(pair_column, "")
+            pairs.append("" if pair is None else str(pair))
+        numbers.append(number)
+        records.append(obj)
     return Inputs(texts, numbers, records, text_column, pairs if pair_column is not None else None)
 
 
-def read_csv(path: str, text_column: str, pair_column: str | None = None) -> Inputs:
+def read_table_input(path: str, text_column: str, pair_column: str | None = None, encoding: str = "") -> Inputs:
+    """A .csv, .tsv, .json or .parquet file, read by reading.load_table() as training and evaluation read theirs."""
     if not os.path.exists(path):
         raise UserError(f"--input {path}: no such file")
     if os.path.isdir(path):
         raise UserError(f"--input {path}: is a folder, not a file")
-    df = data.load_csv(path, f"'{text_column}'")
+    loaded = reading.load_table(path, f"'{text_column}'", encoding=encoding)
+    df = loaded.frame
     df.columns = [str(c) for c in df.columns]
     for column, what in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
         if column is not None and column not in df.columns:
             raise UserError(f"{path}: no column '{column}' ({what}); the columns are: {', '.join(df.columns)}")
-    return Inputs(df[text_column].tolist(), list(range(2, len(df) + 2)), df.to_dict("records"), text_column,
-                  df[pair_column].tolist() if pair_column is not None else None)
+    return Inputs(df[text_column].tolist(), loaded.rows.tolist(), df.to_dict("records"), text_column,
+                  df[pair_column].tolist() if pair_column is not None else None, loaded.unit)
 
 
-def read_inputs(path: str, text_column: str, pair_column: str | None = None) -> Inputs:
+def read_inputs(path: str, text_column: str, pair_column: str | None = None, encoding: str = "") -> Inputs:
     if path != "-" and not os.path.exists(path):
         raise UserError(f"--input {path}: no such file")
     extension = os.path.splitext(path)[1].lower()
-    if extension == ".csv":
-        return read_csv(path, text_column, pair_column)
-    if extension in (".jsonl", ".ndjson"):
-        return read_jsonl(path, text_column, pair_column)
+    if extension in (".jsonl", ".ndjson"):  # its own reader: a JSON string per line, and blank lines, are examples
+        return read_jsonl(path, text_column, pair_column, encoding)
+    if extension in reading.FORMATS:
+        return read_table_input(path, text_column, pair_column, encoding)
     if pair_column is not None:
-        raise UserError(f"--input {path}: sentence pairs (--text-pair-column {pair_column}) need a .csv or .jsonl "
-                        f"input with both texts")
-    return read_lines(path)
+        raise UserError(f"--input {path}: sentence pairs (--text-pair-column {pair_column}) need a table (.csv, "
+                        f".tsv, .json, .parquet) or .jsonl input with both texts")
+    return read_lines(path, encoding)
 
 
 # ---------------------------------------------------------------- output
@@ -198,7 +195,7 @@ def _one_line(text: str) -> str:
 
 def _where(inputs: Inputs, positions, what: str) -> str:
     shown = ", ".join(str(inputs.lines[i]) for i in positions[:5])
-    plural = "s" if len(positions) > 1 and what == "line" else ""
+    plural = "s" if len(positions) > 1 and what in ("line", "record") else ""
     return f"{what}{plural} {shown}{' ...' if len(positions) > 5 else ''}"
 
 
@@ -207,7 +204,8 @@ def parse_args(argv):
     parser.add_argument("--model", required=True, help="a saved model folder, e.g. outputs/best")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to classify (repeatable)")
-    source.add_argument("--input", help="a .csv, .jsonl or text file (one example per line); - for standard input")
+    source.add_argument("--input", help="a .csv, .tsv, .jsonl, .json or .parquet file, or a text file (one example "
+                                        "per line); - for standard input")
     parser.add_argument("--output", help="a .csv or .jsonl file to write (- = JSON Lines on standard output); "
                                          "default: LABEL<tab>PROBABILITY<tab>TEXT lines on standard output")
     parser.add_argument("--text-column", help="the text's column (CSV) or field (JSON Lines); default: the one the "
@@ -215,6 +213,8 @@ def parse_args(argv):
     parser.add_argument("--text-pair", action="append", help="the second text of a sentence pair, one per --text")
     parser.add_argument("--text-pair-column", help="the second text's column (CSV) or field (JSON Lines); default: "
                                                    "the one the model was trained with, if any")
+    parser.add_argument("--encoding", default="", help="--input's text encoding, e.g. gb18030, utf-16, cp1252 "
+                                                       "(default: detected)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, help="default: the length the model was trained with")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
@@ -226,6 +226,8 @@ def parse_args(argv):
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length must be at least 2, got {args.max_length}")
+    if args.encoding:
+        text_encoding(args.encoding)
     if not os.path.isdir(args.model) and os.path.exists(args.model):
         raise UserError(f"--model {args.model}: not a model folder")
     try:
@@ -299,10 +301,10 @@ def main(argv=None):
     elif args.text_pair is not None:
         raise UserError("--text-pair goes with --text; with --input name the column with --text-pair-column")
     else:
-        inputs = read_inputs(args.input, text_column, pair_column)
+        inputs = read_inputs(args.input, text_column, pair_column, args.encoding)
     predictor = Predictor(args.model, device=args.device, max_length=args.max_length,
                           trust_remote_code=args.trust_remote_code, precision=args.precision)
-    probs = score(predictor, inputs, args.batch_size, "--text" if args.text is not None else "line")
+    probs = score(predictor, inputs, args.batch_size, "--text" if args.text is not None else inputs.unit)
     if not args.output:
         print_predictions(inputs, probs, predictor.labels.names)
         return

@@ -14,8 +14,20 @@ from .precision import cpu_has_fast
 log = logging.getLogger("bert_finetune")
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """A log line while a progress bar is drawn: the bar is lifted, the line written, the bar redrawn below
+    it (tqdm.write), instead of the line landing in the middle of the bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging's own policy: a failed log line never ends the run
+            self.handleError(record)
+
+
 def setup_logging(rank: int = 0):
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _TqdmHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -30,11 +42,11 @@ class Writer:
     """TensorBoard on rank 0; a no-op elsewhere. A failed write (disk full, ...) is a WriteError: TensorBoard
     writes in a thread of its own and raises the thread's error at the next call."""
 
-    def __init__(self, logdir: str | None):
+    def __init__(self, logdir: str | None, purge_step: int | None = None):
         self.tb, self.logdir = None, logdir
         if logdir:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = self._call(SummaryWriter, logdir)
+            self.tb = self._call(SummaryWriter, logdir, purge_step=purge_step)
 
     def _call(self, fn, *args, **kwargs):
         try:
@@ -93,10 +105,59 @@ class Writer:
             self._call(tb.close)
 
 
-def progress(total: int, initial: int, enabled: bool):
+def progress(total: int, initial: int, enabled: bool, every: float = 30.0, unit: str = "step"):
+    """A tqdm bar in a terminal; in a file or a Slurm log, where a redrawn bar becomes one endless line of
+    carriage returns, a plain log line every `every` seconds instead."""
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+    if enabled and not _is_terminal(sys.stderr):
+        return ProgressLines(total, initial, every, unit)
+    return tqdm(total=total, initial=initial, disable=not enabled, unit=unit, dynamic_ncols=True,
                 file=sys.stderr, mininterval=1.0)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
+
+
+class ProgressLines:
+    """tqdm's update/set_postfix/close, written as `step 120/313 (38%), 2.1 step/s, 1:32 left, loss=...`
+    log lines at most every `every` seconds, and once at the end."""
+
+    def __init__(self, total: int, initial: int, every: float, unit: str = "step"):
+        self.total, self.n, self.every, self.unit = total, initial, every, unit
+        self.start_n, self.t0 = initial, time.monotonic()
+        self.last, self.postfix, self.closed = self.t0, "", False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def update(self, n: int = 1):
+        self.n += n
+        if time.monotonic() - self.last >= self.every:
+            self._line()
+
+    def set_postfix(self, **values):
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            if self.n > self.start_n:
+                self._line()
+
+    def _line(self):
+        self.last = now = time.monotonic()
+        rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
+        left = (self.total - self.n) / rate if rate > 0 else float("inf")
+        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left != float("inf") else "?"
+        log.info("%s %d/%d (%.0f%%), %.2f %s/s, %s left%s", self.unit, self.n, self.total,
+                 100 * self.n / max(self.total, 1), rate, self.unit, eta, f", {self.postfix}" if self.postfix else "")
 
 
 # ---- speed: samples/s, real tokens/s, padding, MFU ----

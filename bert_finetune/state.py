@@ -16,6 +16,7 @@ class TrainState:
     loop_seconds: float = 0.0  # wall clock of the loop, evaluations and checkpoints included
     speed: dict | None = None  # the throughput meter's totals (reporting.Meter)
     skipped_steps: int = 0  # fp16: optimizer steps the GradScaler skipped (inf/nan gradients)
+    run_name: str = ""  # the TensorBoard run this training writes to, kept across resumes
 
     def state_dict(self) -> dict:
         return asdict(self)

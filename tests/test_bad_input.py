@@ -92,10 +92,10 @@ def test_bad_input_is_one_clear_line(earlier_run, tiny_model, capsys, name, flag
 
 
 def test_bom_just_works_and_blank_rows_are_skipped_and_reported(tiny_model, tmp_path):
-    from bert_finetune import data
+    from bert_finetune import reading
     path = tmp_path / "bom.csv"
     path.write_bytes("\ufefflabel,review\n1,good\n0,bad\n1,\n".encode("utf-8"))
-    table = data.read_table(str(path), "review", "label")
+    table = reading.read_table(str(path), "review", "label")
     assert list(table.columns[:2]) == ["text", "row"] and table["label"].tolist() == ["1", "0"]
 
 

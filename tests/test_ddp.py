@@ -30,11 +30,11 @@ def test_two_processes_metrics_equal_sklearn_and_single_process(tiny_model, make
 
 def evaluate_in_one_process(model_dir, csv):
     import torch
-    from bert_finetune import Predictor, data, inference
+    from bert_finetune import Predictor, data, inference, reading
     from bert_finetune.evaluate import evaluate
     cpu = torch.device("cpu")
     trained = Predictor(str(model_dir), device=cpu)
-    table = data.read_table(csv, "review", "label")
+    table = reading.read_table(csv, "review", "label")
     ids, _ = trained.tokenize(table.text.tolist())
     ds = data.EncodedDataset(ids, trained.labels.encode(table, csv))
     collate = inference.collator(trained.tokenizer, cpu, trained.model.config)

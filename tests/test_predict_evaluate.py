@@ -251,7 +251,7 @@ def test_bert_base_chinese_config_with_a_local_model_folder(tmp_path, capsys):
     out = tmp_path / "out"
     config = os.path.join(ROOT, "configs", "bert-base-chinese.yaml")
     r = run_train([str(a) for a in ("--config", config, "--model", model, "--train-file", data, "--output-dir", out,
-                                    "--batch-size", 8, "--lr", 2e-3)])
+                                    "--logging-dir", out / "runs", "--batch-size", 8, "--lr", 2e-3)])
     assert r["labels"] == ["0", "1"] and r["config"]["max_length"] == 256
     assert r["best"]["macro_f1"] > 0.8  # it learned (chance: 0.5)
     capsys.readouterr()  # the training's log
@@ -261,3 +261,15 @@ def test_bert_base_chinese_config_with_a_local_model_folder(tmp_path, capsys):
                  "--output-dir", tmp_path / "eval")
     assert re.match(r"^1\t\d\.\d{4}\t送餐很快，味道很好。$", lines[0]) and lines[1].startswith("0\t")
     assert json.load(open(tmp_path / "eval" / "eval_results.json"))["metrics"]["accuracy"] > 0.8
+
+
+def test_report_tables_line_up_with_chinese_labels():
+    """A Chinese character takes two terminal columns: the columns of evaluate's tables stay aligned."""
+    from bert_finetune.evaluate import confusion_text, display_width, report_text
+    from bert_finetune import metrics
+    names = ["正面", "负面", "neutral"]
+    cm = np.array([[5, 1, 0], [2, 7, 1], [0, 0, 3]])
+    for text in (confusion_text(cm, names), report_text(cm, names, metrics.from_confusion(cm))):
+        rows = [line for line in text.splitlines() if line and not line.startswith("(")]
+        ends = {display_width(line) for line in rows}
+        assert len(ends) == 1, text  # every row ends in the same column

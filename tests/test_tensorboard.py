@@ -101,3 +101,25 @@ def test_under_torchrun_the_pictures_cover_every_rank(setup):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     r = check_pictures(out, 47)
     assert r["world_size"] == 2
+
+
+def test_runs_sit_beside_the_job_and_a_resumed_run_goes_on_in_its_own(setup, tmp_path, monkeypatch):
+    """`tensorboard --logdir runs` where the jobs started: one run per job, named after its output folder and
+    start time; a resumed job writes on in its run, each step once."""
+    root, model, train, held = setup
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", model, "--train-file", train, "--eval-file", held, "--max-length", 32, "--batch-size", 8,
+              "--log-steps", 2, "--cache-dir", ""]
+    run_train([str(a) for a in (*common, "--output-dir", "first", "--epochs", 1)])
+    run_train([str(a) for a in (*common, "--output-dir", "second", "--epochs", 1)])
+    runs = sorted(os.listdir(tmp_path / "runs"))
+    assert len(runs) == 2 and runs[0].startswith("first-2") and runs[1].startswith("second-2"), runs
+    assert not os.path.exists(tmp_path / "first" / "runs")
+    run_train([str(a) for a in (*common, "--output-dir", "first", "--epochs", 2, "--resume", "auto")])
+    assert sorted(os.listdir(tmp_path / "runs")) == runs  # no third run
+    acc = EventAccumulator(str(tmp_path / "runs" / runs[0]), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [s.step for s in acc.Scalars("train/loss")]
+    r = json.load(open(tmp_path / "first" / "results.json"))
+    assert steps == sorted(set(steps)) and steps[-1] == r["evaluations"][-1]["step"] == 38, steps
+    assert [e.step for e in acc.Images("eval/confusion_matrix")] == [19, 38]

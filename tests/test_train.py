@@ -103,8 +103,8 @@ def test_fp16_grad_scaler_path_on_cpu(tiny_model, make_csv, tmp_path):
 
 
 def test_split_is_seeded_and_stratified(tiny_model, make_csv, tmp_path):
-    from bert_finetune import data
-    table = data.read_table(make_csv(n=101), "review", "label")
+    from bert_finetune import data, reading
+    table = reading.read_table(make_csv(n=101), "review", "label")
     a, b = data.split(table, 0.2, 3, "x"), data.split(table, 0.2, 3, "x")
     assert a[1]["row"].tolist() == b[1]["row"].tolist()
     assert abs(a[1]["label"].value_counts()["pos"] - a[1]["label"].value_counts()["neg"]) <= 1
