@@ -50,6 +50,9 @@ class Config:
     warmup_ratio: float = trajectory(0.1)
     max_grad_norm: float = trajectory(1.0)  # 0 = no clipping
     layer_lr_decay: float = trajectory(1.0)  # head at lr, encoder layer i from the top at lr * X**i, embeddings lowest
+    # the word-embedding matrix is not trained: no gradient, no AdamW state. For large vocabularies (XLM-R,
+    # multilingual e5: 96-190M embedding parameters) on CPU, where that matrix's update costs more than the encoder
+    freeze_embeddings: bool = trajectory(False)
     class_weights: str = trajectory("none")  # balanced: loss weights n / (classes * count), from the training labels
     max_steps: int = trajectory(0)  # cap on optimizer steps, for smoke runs (0 = no cap)
     precision: str = trajectory("auto")  # auto = bf16 on CUDA where supported, else fp32

@@ -85,11 +85,11 @@ class Predictor:
         self.to(device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def to(self, device: torch.device) -> "Predictor":
-        """Move to `device`, and score there as training does: --precision auto (bf16 or fp16 autocast on CUDA,
-        fp32 on CPU) and TF32 matmuls on CUDA."""
+        """Move to `device`, and score there as training's evaluation does: --precision auto (bf16 or fp16
+        autocast on CUDA, fp32 on CPU) and TF32 matmuls on CUDA."""
         self.device = device
         self.model.to(device)
-        self.precision = precision.resolve(self.requested_precision, device)
+        self.precision = precision.resolve(self.requested_precision, device, scoring=True)
         self.autocast = precision.autocast(self.precision, device)
         precision.allow_tf32(device)
         return self

@@ -245,6 +245,7 @@ class Meter:
         self.flops_per_token, self.peak = flops_per_token, peak
         self.totals = dict(totals or {"seconds": 0.0, "samples": 0, "real": 0, "padded": 0})
         self.reduce = reduce or (lambda counts: counts)
+        self.warned = False
         self.restart()
 
     def restart(self):
@@ -268,7 +269,7 @@ class Meter:
         for key, value in zip(("seconds", "samples", "real", "padded"), (seconds, samples, real, padded)):
             self.totals[key] += value
         self.restart()
-        return self._rates(seconds, samples, real, padded)
+        return self._checked(self._rates(seconds, samples, real, padded))
 
     @contextmanager
     def paused(self):
@@ -281,7 +282,15 @@ class Meter:
 
     def overall(self) -> dict:
         t = self.totals
-        return self._rates(t["seconds"], t["samples"], t["real"], t["padded"])
+        return self._checked(self._rates(t["seconds"], t["samples"], t["real"], t["padded"]))
+
+    def _checked(self, rates: dict) -> dict:
+        """An MFU above 1 cannot be: the peak probe ran in a slow moment (a busy shared machine). Said once."""
+        if rates["mfu"] > 1 and not self.warned:
+            self.warned = True
+            log.warning("MFU %.2f is above 1: the matmul peak probed at start-up (%.0f GFLOP/s) is too low, likely "
+                        "measured while the machine was busy; read MFU as relative only", rates["mfu"], self.peak / 1e9)
+        return rates
 
     def _rates(self, seconds, samples, real, padded) -> dict:
         seconds = max(seconds, 1e-9)

@@ -139,7 +139,7 @@ class Trainer:
 
     def __init__(self, cfg: config.Config, dist: distributed.Dist, job: Job, resume_from: str | None):
         self.cfg, self.dist, self.device = cfg, dist, dist.device
-        self.precision = precision.resolve(cfg.precision, self.device)
+        self.precision = precision.resolve(cfg.precision, self.device, say=dist.is_main)
         precision.allow_tf32(self.device)
         self.tokenizer, self.model_config = job.tokenizer, job.model_config
         self._build_data(job.tables)
@@ -181,6 +181,9 @@ class Trainer:
         job.model_config.label2id = dict(self.labels.ids)
         self.raw_model = modeling.load_classifier(job.model_name, job.model_config, cfg.trust_remote_code)
         self.raw_model.to(self.device)
+        if cfg.freeze_embeddings:
+            frozen = self.raw_model.get_input_embeddings().weight.requires_grad_(False)
+            log.info("--freeze-embeddings: the %.1fM word-embedding parameters are not trained", frozen.numel() / 1e6)
         candidates = [speedups.FIRST_TOKEN_LAST_LAYER]
         if self.device.type == "cpu" and not cfg.compile:  # torch.compile makes its own dropout kernels
             candidates.insert(0, speedups.FAST_CPU_DROPOUT)
@@ -202,6 +205,9 @@ class Trainer:
         log.info("learning rates: %s", optim.describe_lrs(self.optimizer.param_groups))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.autocast = precision.autocast(self.precision, self.device)
+        # evaluation scores as the evaluate and predict CLIs do (fp32 on a CPU under auto: see precision.resolve)
+        self.eval_precision = precision.resolve(cfg.precision, self.device, scoring=True)
+        self.eval_autocast = precision.autocast(self.eval_precision, self.device)
         self.class_weights, self.loss_weights = None, None
         if cfg.class_weights == "balanced":
             self.class_weights = data.balanced_class_weights(self.train_set.labels, len(self.labels))
@@ -402,7 +408,7 @@ class Trainer:
     def _evaluate(self, epoch: int):
         """Score the held-out set; log it; export best/ when it improved; decide on early stopping."""
         cfg, state = self.cfg, self.state
-        result = evaluate(self.raw_model, self.held_out, len(self.labels), self.device, self.autocast)
+        result = evaluate(self.raw_model, self.held_out, len(self.labels), self.device, self.eval_autocast)
         m = result.metrics
         record = {"epoch": epoch + 1, "step": state.step, **m}
         state.evaluations.append(record)
@@ -471,8 +477,8 @@ class Trainer:
             state.stopped = {"step": state.step, "reason": "max_steps" if capped else "epochs",
                              "message": f"--max-steps {cfg.max_steps} reached" if capped
                              else f"all {cfg.epochs} epochs done"}
-        # a shared machine's peak drifts: the run's MFU is judged against the mean of probes before and after it
-        self.meter.peak = (self.peak + self._measure_peak()) / 2
+        # a shared machine's peak drifts and a busy moment lowers a probe: the best of those before and after
+        self.meter.peak = max(self.peak, self._measure_peak())
         speed = self.meter.overall()
         if self.dist.is_main:
             checkpoint.export(self.raw_model, self.tokenizer, os.path.join(cfg.output_dir, "last"),
@@ -495,7 +501,8 @@ class Trainer:
         return {
             "best": state.best, "final": state.final, "evaluations": state.evaluations,
             "best_step": state.best_step, "steps": state.step, "world_size": self.dist.world_size,
-            "precision": self.precision, "labels": self.labels.names, "stopped": state.stopped,
+            "precision": self.precision, "eval_precision": self.eval_precision, "labels": self.labels.names,
+            "stopped": state.stopped,
             "class_weights": dict(zip(self.labels.names, weights.tolist())) if weights is not None else None,
             "speedups": self.speedups,
             "skipped_steps": state.skipped_steps,  # fp16: steps the GradScaler skipped

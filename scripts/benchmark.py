@@ -12,15 +12,24 @@ written as JSON.
   e  the HF Trainer, group_by_length  train_sampling_strategy="group_by_length"
   f  the seed recipe's padding        the Trainer, every example padded to --max-length; when the run is
                                       longer than --padded-steps steps, only those are timed (no accuracy)
+  g  ours, --precision fp32           where (a) is bf16 (a CPU with bf16 matmul units), our fp32 for reference
+  h  the HF Trainer, defaults + bf16  bf16=True; only on a CPU with bf16 matmul units (or a GPU)
+  i  the HF Trainer, group_by_length + bf16    its best setting there
 
 c-f live in scripts/peers.py and need the bench extra (pip install -e .[bench]). Every row runs in a
 fresh process on the same CSVs (label,review): the embedded default's data (Rotten Tomatoes) split
 here once (20% held out, seeded), the first --limit training rows when given, all held-out rows.
 Speed is the training loop's (no tokenizing, evaluating or saving); real tokens are non-padding ones.
-MFU = real tokens/s x 6 x non-embedding parameters / matmul peak, the peak being the mean of two fp32
-torch.mm probes taken right before and right after the row (a shared machine's peak drifts); ours'
-MFU is recomputed here the same way. Speed ratios move by 10-15% between runs on a shared machine:
+MFU = real tokens/s x 6 x non-embedding parameters / matmul peak in the row's precision, the peak being
+the best of torch.mm probes in that precision taken right before and right after the row (a shared
+machine's peak drifts, and a busy moment only lowers a probe); ours' MFU is recomputed here the same way,
+and the table prints the peak each row was judged against. Speed ratios move by 10-15% between runs on a shared machine:
 compare rows of one run only.
+
+--large-vocab adds a table for a multilingual-size vocabulary: MiniLM's depth and width with 250,002
+token embeddings (random weights; XLM-R's vocabulary size), where on CPU the embedding matrix's gradient and
+AdamW update cost more than the encoder: ours, ours with --freeze-embeddings, the Trainer with
+group_by_length (and with bf16 where the CPU has bf16 units), each on the same data and batches.
 
 --whole-job adds a second table: wall clock from process start to saved model for the whole job
 (load, tokenize, 2 epochs, evaluate and save each epoch): ours (the embedded default job) vs the seed
@@ -44,7 +53,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch
 
-from bert_finetune import data, reporting
+from bert_finetune import data, precision, reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(ROOT, "scripts", "peers.py")
@@ -63,11 +72,19 @@ class Bench:
     flops_per_token: float
     device: torch.device
 
-    def settings(self, epochs: int, batch_size: int) -> dict:
+    def settings(self, epochs: int, batch_size: int, model: str | None = None) -> dict:
         """The hyper-parameters every way gets."""
         a = self.args
-        return {"model": self.model, "epochs": epochs, "batch_size": batch_size, "max_length": a.max_length,
+        return {"model": model or self.model, "epochs": epochs, "batch_size": batch_size, "max_length": a.max_length,
                 "lr": a.lr, "seed": a.seed, **SHARED}
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.device.type == "cuda" or precision.cpu_has_fast("bf16")
+
+
+class Skipped(Exception):
+    """A row that does not apply on this machine (its reason is the row's note)."""
 
 
 # ---------------------------------------------------------------- processes, timing, MFU
@@ -87,11 +104,18 @@ def run(bench: Bench, name: str, cmd: list) -> float:
     return seconds
 
 
+def peaks(bench: Bench) -> dict:
+    """The matmul peak in each precision a row may train in here."""
+    names = ["fp32", "bf16"] if bench.native_bf16 else ["fp32"]
+    return {name: reporting.matmul_peak_flops(bench.device, name) for name in names}
+
+
 def measure(bench: Bench, row_fn) -> dict:
-    """Run one row between two matmul probes; MFU from its real tokens/s against their mean."""
-    before = reporting.probe_matmul(bench.device)
+    """Run one row between matmul probes; MFU from its real tokens/s against the best probe in its precision."""
+    before = peaks(bench)
     row = row_fn(bench)
-    peak = (before + reporting.probe_matmul(bench.device)) / 2
+    after = peaks(bench)
+    peak = max(before[row["precision"]], after[row["precision"]])
     return {**row, "peak_gflops": peak / 1e9, "mfu": row["tokens_per_s"] * bench.flops_per_token / peak}
 
 
@@ -106,16 +130,16 @@ def flags(settings: dict) -> list:
 
 # ---------------------------------------------------------------- ours and the peers
 
-def ours(bench: Bench, nproc: int) -> dict:
-    name = f"ours-{nproc}"
+def ours(bench: Bench, nproc: int, extra: tuple = (), name: str = "", model: str | None = None) -> dict:
+    name = name or f"ours-{nproc}"
     out = os.path.join(bench.work, name)
     if nproc == 1:
         launcher = [sys.executable, "-m", "bert_finetune.train", "--single-gpu"]
     else:
         launcher = ["bash", "launch.sh", str(nproc)]  # torchrun, found on PATH next to this Python
-    settings = bench.settings(bench.args.epochs, bench.args.batch_size // nproc)
+    settings = bench.settings(bench.args.epochs, bench.args.batch_size // nproc, model)
     run(bench, name, launcher + flags(settings) + ["--train-file", bench.train_csv, "--eval-file", bench.eval_csv,
-                                                   "--output-dir", out])
+                                                   "--output-dir", out, "--logging-dir", out + "-runs", *extra])
     r = read_json(os.path.join(out, "results.json"))
     seen, expected = r["train_samples_per_s"] * r["train_seconds"], bench.n_train * bench.args.epochs
     if abs(seen / expected - 1) > 0.05:
@@ -123,12 +147,13 @@ def ours(bench: Bench, nproc: int) -> dict:
               f"{expected} trained: its samples/s and train_seconds do not cover the same time", file=sys.stderr)
     return {"train_seconds": r["train_seconds"], "samples_per_s": r["train_samples_per_s"],
             "tokens_per_s": r["train_tokens_per_s"], "padding_fraction": r["padding_fraction"],
-            "accuracy": r["final"]["accuracy"]}
+            "accuracy": r["final"]["accuracy"], "precision": r["precision"]}
 
 
-def run_peer(bench: Bench, way: str, name: str, train_csv: str, eval_csv: str, epochs: int, **row) -> tuple:
+def run_peer(bench: Bench, way: str, name: str, train_csv: str, eval_csv: str, epochs: int, model: str | None = None,
+             **row) -> tuple:
     """One scripts/peers.py process: (its wall seconds, its result)."""
-    spec = {**bench.settings(epochs, bench.args.batch_size), "train_csv": train_csv, "eval_csv": eval_csv,
+    spec = {**bench.settings(epochs, bench.args.batch_size, model), "train_csv": train_csv, "eval_csv": eval_csv,
             "output_dir": os.path.join(bench.work, name), **row}
     spec_path, result_path = (os.path.join(bench.work, f"{name}.{x}.json") for x in ("spec", "result"))
     with open(spec_path, "w") as f:
@@ -141,7 +166,8 @@ def peer(bench: Bench, way: str, name: str, **row) -> dict:
     _, r = run_peer(bench, way, name, bench.train_csv, bench.eval_csv, bench.args.epochs, **row)
     s = r["train_seconds"]
     return {"train_seconds": s, "samples_per_s": r["samples"] / s, "tokens_per_s": r["real_tokens"] / s,
-            "padding_fraction": 1 - r["real_tokens"] / r["padded_tokens"], "accuracy": r["accuracy"]}
+            "padding_fraction": 1 - r["real_tokens"] / r["padded_tokens"], "accuracy": r["accuracy"],
+            "precision": "bf16" if row.get("bf16") else "fp32"}
 
 
 # ---------------------------------------------------------------- the rows
@@ -174,6 +200,27 @@ def row_padded(bench):
     return {**row, "note": f"first {cut} of {steps} steps timed" if cut else ""}
 
 
+def row_ours_fp32(bench):
+    if precision.resolve("auto", bench.device) == "fp32":
+        raise Skipped("(a) is fp32 here")
+    return ours(bench, nproc=1, extra=("--precision", "fp32"), name="ours-fp32")
+
+
+def needs_bf16(bench):
+    if not bench.native_bf16:
+        raise Skipped("this CPU has no bf16 matmul units (avx512_bf16, amx_bf16)")
+
+
+def row_trainer_bf16(bench):
+    needs_bf16(bench)
+    return peer(bench, "trainer", "trainer-bf16", bf16=True)
+
+
+def row_trainer_grouped_bf16(bench):
+    needs_bf16(bench)
+    return peer(bench, "trainer", "trainer-grouped-bf16", sampling="group_by_length", bf16=True)
+
+
 ROWS = {
     "a": ("(a) ours, 1 process", row_ours),
     "b": ("(b) ours, torchrun 2 processes", row_ours_ddp),
@@ -181,6 +228,9 @@ ROWS = {
     "d": ("(d) HF Trainer, defaults", row_trainer),
     "e": ("(e) HF Trainer, group_by_length", row_trainer_grouped),
     "f": ("(f) seed recipe: pad to max length", row_padded),
+    "g": ("(g) ours, --precision fp32", row_ours_fp32),
+    "h": ("(h) HF Trainer, defaults + bf16", row_trainer_bf16),
+    "i": ("(i) HF Trainer, group_by_length + bf16", row_trainer_grouped_bf16),
 }
 BASELINE = "d"
 
@@ -192,6 +242,8 @@ def throughput_table(bench: Bench, letters: list) -> list:
         print(f"running {label} ...", file=sys.stderr, flush=True)
         try:
             rows[letter] = {"row": letter, "way": label, "note": "", **measure(bench, row_fn)}
+        except Skipped as e:
+            rows[letter] = {"row": letter, "way": label, "note": f"skipped: {e}"}
         except RuntimeError as e:
             print(e, file=sys.stderr)
             rows[letter] = {"row": letter, "way": label, "note": "failed (see its log)"}
@@ -199,6 +251,46 @@ def throughput_table(bench: Bench, letters: list) -> list:
     for row in rows.values():
         row["vs_trainer"] = row["samples_per_s"] / base if base and "samples_per_s" in row else None
     return list(rows.values())
+
+
+LARGE_VOCAB = 250_002  # XLM-R's and multilingual e5's
+
+
+def large_vocab_model(bench: Bench) -> str:
+    """MiniLM's encoder with a 250,002-row embedding matrix, random weights, MiniLM's tokenizer: its ids use the
+    first 30,522 rows, and every row is in the gradient and the AdamW update, as in a multilingual model."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    path = os.path.join(bench.work, "large-vocab-model")
+    config = AutoConfig.from_pretrained(bench.model, num_labels=2, vocab_size=LARGE_VOCAB)
+    torch.manual_seed(bench.args.seed)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(bench.model).save_pretrained(path)
+    return path
+
+
+def large_vocab_table(bench: Bench) -> list:
+    model = large_vocab_model(bench)
+    ways = [("ours", lambda b: ours(b, 1, name="vocab-ours", model=model)),
+            ("ours, --freeze-embeddings", lambda b: ours(b, 1, ("--freeze-embeddings",), "vocab-ours-frozen",
+                                                          model)),
+            ("HF Trainer, group_by_length", lambda b: peer(b, "trainer", "vocab-trainer-grouped", model=model,
+                                                           sampling="group_by_length"))]
+    if bench.native_bf16:
+        ways.append(("HF Trainer, group_by_length + bf16", lambda b: peer(
+            b, "trainer", "vocab-trainer-grouped-bf16", model=model, sampling="group_by_length", bf16=True)))
+    rows = []
+    for label, row_fn in ways:
+        label = f"{LARGE_VOCAB:,}-token vocabulary: {label}"
+        print(f"running {label} ...", file=sys.stderr, flush=True)
+        try:
+            rows.append({"way": label, "note": "", **measure(bench, row_fn)})
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            rows.append({"way": label, "note": "failed (see its log)"})
+    base = rows[2].get("samples_per_s")
+    for row in rows:
+        row["vs_trainer"] = row["samples_per_s"] / base if base and "samples_per_s" in row else None
+    return rows
 
 
 def whole_job_table(bench: Bench) -> list:
@@ -215,10 +307,21 @@ def whole_job_table(bench: Bench) -> list:
     print("running the whole job: ours ...", file=sys.stderr, flush=True)
     out = os.path.join(bench.work, "job-ours")
     limit = ["--limit", str(a.limit)] if a.limit else []
-    seconds = run(bench, "job-ours", [sys.executable, "-m", "bert_finetune.train", "--single-gpu", "--output-dir", out]
+    seconds = run(bench, "job-ours", [sys.executable, "-m", "bert_finetune.train", "--single-gpu", "--output-dir", out,
+                                       "--logging-dir", out + "-runs"]
                   + flags(bench.settings(WHOLE_JOB_EPOCHS, a.batch_size)) + limit)
-    rows.append({"way": "ours, the embedded default job", "wall_seconds": seconds,
-                 "best_accuracy": read_json(os.path.join(out, "results.json"))["best"]["accuracy"]})
+    r = read_json(os.path.join(out, "results.json"))
+    rows.append({"way": f"ours, the embedded default job ({r['precision']})", "wall_seconds": seconds,
+                 "best_accuracy": r["best"]["accuracy"]})
+    other = "fp32" if r["precision"] == "bf16" else "bf16" if bench.native_bf16 else None
+    if other:  # the other precision this machine runs at full speed, for reference
+        out = os.path.join(bench.work, f"job-ours-{other}")
+        seconds = run(bench, f"job-ours-{other}", [sys.executable, "-m", "bert_finetune.train", "--single-gpu",
+                                                   "--output-dir", out, "--logging-dir", out + "-runs",
+                                                   "--precision", other]
+                      + flags(bench.settings(WHOLE_JOB_EPOCHS, a.batch_size)) + limit)
+        rows.append({"way": f"ours, --precision {other}", "wall_seconds": seconds,
+                     "best_accuracy": read_json(os.path.join(out, "results.json"))["best"]["accuracy"]})
 
     for sampling, label in (("random", "HF Trainer, seed recipe, defaults"),
                             ("group_by_length", "HF Trainer, seed recipe, group_by_length")):
@@ -226,7 +329,8 @@ def whole_job_table(bench: Bench) -> list:
         seconds, r = run_peer(bench, "trainer-job", f"job-trainer-{sampling}", train_csv, eval_csv,
                               WHOLE_JOB_EPOCHS, sampling=sampling)
         rows.append({"way": label, "wall_seconds": seconds, "best_accuracy": r["best_accuracy"]})
-    return [{**row, **size, "vs_trainer": row["wall_seconds"] / rows[1]["wall_seconds"]} for row in rows]
+    trainer = next(row for row in rows if row["way"] == "HF Trainer, seed recipe, defaults")
+    return [{**row, **size, "vs_trainer": row["wall_seconds"] / trainer["wall_seconds"]} for row in rows]
 
 
 # ---------------------------------------------------------------- data, tables, main
@@ -262,7 +366,8 @@ def markdown(rows: list, columns: list) -> str:
 
 THROUGHPUT_COLUMNS = [("way", "way", "{}"), ("train s", "train_seconds", "{:.1f}"),
                       ("samples/s", "samples_per_s", "{:.1f}"), ("real tokens/s", "tokens_per_s", "{:.0f}"),
-                      ("padding", "padding_fraction", "{:.1%}"), ("MFU", "mfu", "{:.2f}"),
+                      ("padding", "padding_fraction", "{:.1%}"), ("precision", "precision", "{}"),
+                      ("peak GFLOP/s", "peak_gflops", "{:.0f}"), ("MFU", "mfu", "{:.2f}"),
                       ("held-out acc", "accuracy", "{:.3f}"), ("speed vs (d)", "vs_trainer", "{:.2f}x"),
                       ("note", "note", "{}")]
 WHOLE_JOB_COLUMNS = [("whole job", "way", "{}"), ("start to saved model, s", "wall_seconds", "{:.0f}"),
@@ -281,6 +386,7 @@ def parse_args(argv=None):
     p.add_argument("--only", default=",".join(ROWS), help="rows to run, e.g. a,d,e ('' = none)")
     p.add_argument("--padded-steps", type=int, default=30, help="row f: time at most this many steps (0 = all)")
     p.add_argument("--whole-job", action="store_true", help="add the whole-job table (2 epochs; slow)")
+    p.add_argument("--large-vocab", action="store_true", help="add the 250,002-token vocabulary table")
     p.add_argument("--output", default="benchmark.json", help="where the JSON goes")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (CSVs, outputs, logs)")
     args = p.parse_args(argv)
@@ -290,7 +396,7 @@ def parse_args(argv=None):
         p.error(f"--only: unknown row(s) {', '.join(unknown)}; the rows are {', '.join(ROWS)}")
     if "b" in args.only and args.batch_size % 2:
         p.error("row b splits --batch-size over 2 processes: give an even batch size")
-    needs_bench = args.whole_job or any(x in args.only for x in "cdef")
+    needs_bench = args.whole_job or args.large_vocab or any(x in args.only for x in "cdefhi")
     missing = [m for m in ("accelerate", "datasets") if importlib.util.find_spec(m) is None]
     if needs_bench and missing:
         p.error(f"rows c-f and --whole-job need {', '.join(missing)}: pip install -e .[bench]")
@@ -327,6 +433,9 @@ def main(argv=None):
 
     results = {"settings": settings, "rows": throughput_table(bench, args.only)}
     failed = any(r["note"].startswith("failed") for r in results["rows"])
+    if args.large_vocab:
+        results["large_vocab"] = large_vocab_table(bench)
+        failed |= any(r["note"].startswith("failed") for r in results["large_vocab"])
     if args.whole_job:
         try:
             results["whole_job"] = whole_job_table(bench)
@@ -334,7 +443,8 @@ def main(argv=None):
             print(e, file=sys.stderr)
             results["whole_job"], failed = [], True
 
-    tables = [(results["rows"], THROUGHPUT_COLUMNS), (results.get("whole_job"), WHOLE_JOB_COLUMNS)]
+    tables = [(results["rows"], THROUGHPUT_COLUMNS), (results.get("large_vocab"), THROUGHPUT_COLUMNS),
+              (results.get("whole_job"), WHOLE_JOB_COLUMNS)]
     print("\n\n".join(markdown(rows, columns) for rows, columns in tables if rows), flush=True)
     with open(args.output, "w") as f:
         json.dump(results, f, indent=1)

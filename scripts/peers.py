@@ -4,7 +4,7 @@
 
 SPEC (written by the benchmark) names the model folder, the train/held-out CSVs (label,review) and the
 hyper-parameters every way shares, plus the row's own knobs: `sampling` (random | group_by_length),
-`padding` (longest | max_length) and `max_steps` (0 = whole epochs). Data is read as the seed recipe
+`padding` (longest | max_length), `max_steps` (0 = whole epochs) and `bf16` (the Trainer's bf16=True). Data is read as the seed recipe
 reads it: pandas -> datasets.Dataset -> map(tokenizer). Needs the bench extra: pip install -e .[bench]
 
 accelerate, trainer: time the training loop only and count what the model trains on (samples, real and
@@ -132,7 +132,7 @@ def training_arguments(spec: dict, **overrides):
         output_dir=spec["output_dir"], num_train_epochs=spec["epochs"], per_device_train_batch_size=spec["batch_size"],
         learning_rate=spec["lr"], weight_decay=spec["weight_decay"], warmup_steps=spec["warmup_ratio"],  # < 1: a ratio
         max_grad_norm=spec["max_grad_norm"], seed=spec["seed"], train_sampling_strategy=spec.get("sampling", "random"),
-        report_to="none", **overrides)
+        bf16=spec.get("bf16", False), use_cpu=not torch.cuda.is_available(), report_to="none", **overrides)
 
 
 def trainer(spec: dict) -> dict:

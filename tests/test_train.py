@@ -128,3 +128,14 @@ def test_predict_cli_prints_label_and_probability(tiny_model, make_csv, tmp_path
 def test_cuda_mixed_precision(tiny_model, make_csv, tmp_path, precision):
     r = run_train(train_args(tiny_model, make_csv(n=200), tmp_path / "o", "--epochs", 2, "--precision", precision))
     assert r["precision"] == precision and r["best"]["accuracy"] > 0.6
+
+
+def test_freeze_embeddings_trains_everything_but_the_word_embeddings(tiny_model, make_csv, tmp_path):
+    r = run_train(train_args(tiny_model, make_csv(n=80), tmp_path / "o", "--epochs", 1, "--freeze-embeddings"))
+    before = load_file(os.path.join(tiny_model, "model.safetensors"))
+    after = load_file(str(tmp_path / "o" / "last" / "model.safetensors"))
+    word = next(k for k in after if k.endswith("word_embeddings.weight"))
+    assert torch.equal(before[word], after[word])
+    assert not torch.equal(before["bert.embeddings.position_embeddings.weight"],
+                           after["bert.embeddings.position_embeddings.weight"])
+    assert r["config"]["freeze_embeddings"] is True
