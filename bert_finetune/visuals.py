@@ -213,57 +213,73 @@ def confusion_figure(cm: np.ndarray, names, title: str = ""):
     from matplotlib.figure import Figure
 
     cm = np.asarray(cm, dtype=np.int64)
-    names = [str(n) for n in names]
-    k = len(names)
+    labels = _axis_labels([str(n) for n in names], title)
+    k = len(labels.ticks)
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows != 0)
 
-    fonts = label_fonts(names + [title])
-    by_id = not names_drawable(names)
-    if by_id:
-        _warn_once(names, label_fonts(names).missing)
-        ticks = [str(i) for i in range(k)]
-        legend = [f"{i} = {_cut(_shown(n, fonts.missing), 24)}" for i, n in enumerate(names)]
-    else:
-        ticks = [_cut(_shown(n)) for n in names]
-        legend = []
-    title = _shown(title, fonts.missing)
-    family = list(fonts.families)
-
     tick_pt = 10.0 if k <= 15 else 8.0 if k <= 40 else 6.0
-    cell_pt = max(5.0, min(10.0, 10.0 - (k - 10) * 0.2))  # numbers in the cells: 10 pt up to 10 classes, 6 at 30
     annotate = k <= 30  # past that the numbers no longer fit in their cells
     matrix = max(3.5, k * (0.45 if annotate else max(0.15, 1.6 * tick_pt / 72)))  # inches
-    longest = max((_width_em(t) for t in ticks), default=1.0) * tick_pt / 72  # a rough guess, to choose the rotation
+    longest = max((_width_em(t) for t in labels.ticks), default=1.0) * tick_pt / 72  # a rough guess
     rotation = 0 if longest <= 0.8 * matrix / max(k, 1) else 45 if k <= 10 else 90
 
     # the parts are made first and measured, then placed side by side: the figure is as big as they need
-    dpi = 100
-    fig = Figure(figsize=(8, 8), dpi=dpi)
+    fig = Figure(figsize=(8, 8), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.1, 0.1, 0.6, 0.6))
     cax = fig.add_axes((0.8, 0.1, 0.05, 0.6))
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, cax=cax, label="share of the true class", ticks=np.linspace(0.0, 1.0, 6))
     x_align = {0: dict(ha="center"), 45: dict(ha="right", rotation_mode="anchor"), 90: dict(ha="center")}[rotation]
-    ax.set_xticks(range(k), labels=ticks, rotation=rotation, fontsize=tick_pt, family=family, **x_align)
-    ax.set_yticks(range(k), labels=ticks, fontsize=tick_pt, family=family)
-    ax.set_xlabel("predicted label" + (" (id)" if by_id else ""))
-    ax.set_ylabel("true label" + (" (id)" if by_id else ""))
-    if title:
-        ax.set_title(title, family=family)
+    ax.set_xticks(range(k), labels=labels.ticks, rotation=rotation, fontsize=tick_pt, family=labels.family, **x_align)
+    ax.set_yticks(range(k), labels=labels.ticks, fontsize=tick_pt, family=labels.family)
+    ax.set_xlabel("predicted label" + (" (id)" if labels.by_id else ""))
+    ax.set_ylabel("true label" + (" (id)" if labels.by_id else ""))
+    if labels.title:
+        ax.set_title(labels.title, family=labels.family)
     if annotate:
+        cell_pt = max(5.0, min(10.0, 10.0 - (k - 10) * 0.2))  # 10 pt up to 10 classes, 6 at 30
         for i in range(k):
             for j in range(k):
                 ax.text(j, i, f"{cm[i, j]}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=cell_pt,
                         color="white" if share[i, j] > 0.5 else "black")
     side = None
-    if legend:
-        lines = legend + ["", "Names need a font with", "their characters, e.g.", f"{CJK_PACKAGE}; all names",
-                          "are in the text summary."]
-        side = fig.text(0, 0, "\n".join(lines), va="top", ha="left", fontsize=min(tick_pt, 9.0), family=family,
-                        linespacing=1.3)
+    if labels.legend:
+        lines = labels.legend + ["", "Names need a font with", "their characters, e.g.", f"{CJK_PACKAGE}; all names",
+                                 "are in the text summary."]
+        side = fig.text(0, 0, "\n".join(lines), va="top", ha="left", fontsize=min(tick_pt, 9.0),
+                        family=labels.family, linespacing=1.3)
+    _place(fig, ax, cax, side, matrix, bool(labels.title))
+    return fig
 
+
+@dataclass
+class _AxisLabels:
+    ticks: list  # the names, or their ids where no font draws them
+    legend: list  # "id = name" lines where the ticks are ids
+    title: str
+    family: list  # the font families, in order of preference
+    by_id: bool
+
+
+def _axis_labels(names: list, title: str) -> _AxisLabels:
+    """What the axes show: the names where a font has their characters, else ids (warned about once)."""
+    fonts = label_fonts(names + [title])
+    by_id = not names_drawable(names)
+    if by_id:
+        _warn_once(names, label_fonts(names).missing)
+        ticks = [str(i) for i in range(len(names))]
+        legend = [f"{i} = {_cut(_shown(n, fonts.missing), 24)}" for i, n in enumerate(names)]
+    else:
+        ticks, legend = [_cut(_shown(n)) for n in names], []
+    return _AxisLabels(ticks, legend, _shown(title, fonts.missing), list(fonts.families), by_id)
+
+
+def _place(fig, ax, cax, side, matrix: float, titled: bool):
+    """Measure the rendered tick labels, axis labels, title and legend, and size the figure around them:
+    the matrix `matrix` inches square, the colour bar to its right, the legend (`side`) after it."""
+    dpi = fig.dpi
     renderer = fig.canvas.get_renderer()
 
     def size(texts):  # the largest width and height among texts, in inches
@@ -271,12 +287,10 @@ def confusion_figure(cm: np.ndarray, names, title: str = ""):
         return (max((b.width for b in boxes), default=0.0) / dpi, max((b.height for b in boxes), default=0.0) / dpi)
 
     tick_pad = 0.12  # tick mark and the gap after it
-    y_ticks_w = size(ax.get_yticklabels())[0]
-    x_ticks_h = size(ax.get_xticklabels())[1]
     margin, gap = 0.15, 0.08
-    left = margin + size([ax.yaxis.label])[0] + gap + y_ticks_w + tick_pad
-    bottom = margin + size([ax.xaxis.label])[1] + gap + x_ticks_h + tick_pad
-    top = margin + (size([ax.title])[1] + 0.1 if title else 0.0)
+    left = margin + size([ax.yaxis.label])[0] + gap + size(ax.get_yticklabels())[0] + tick_pad
+    bottom = margin + size([ax.xaxis.label])[1] + gap + size(ax.get_xticklabels())[1] + tick_pad
+    top = margin + (size([ax.title])[1] + 0.1 if titled else 0.0)
     bar_x = left + matrix + 0.25
     legend_x = bar_x + 0.2 + 0.9  # the colour bar, its tick labels and its label
     legend_w, legend_h = size([side])
@@ -288,7 +302,6 @@ def confusion_figure(cm: np.ndarray, names, title: str = ""):
     if side is not None:
         side.set_position((legend_x / width, (bottom + matrix) / height if legend_h <= matrix + top
                            else 1.0 - margin / height))
-    return fig
 
 
 def _render(cm, names, title, render):
