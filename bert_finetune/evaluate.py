@@ -156,7 +156,7 @@ def main(argv=None):
     pair_column = args.text_pair_column or trained.pair_column
     labels = trained.labels
     table = reading.read_table(args.data, text_column, label_column, args.limit, pair_column=pair_column,
-                            encoding=args.encoding)
+                               encoding=args.encoding)
     unknown = sorted(set(table["label"]) - set(labels.ids))
     if unknown:
         first = table.loc[~table["label"].isin(labels.ids), "row"].iloc[0]

@@ -56,8 +56,6 @@ def _read_file_lines(path: str, encoding: str = "") -> list:
     encoding detected, or --encoding's; a byte that does not decode is a one-line error."""
     if path == "-":
         return _numbered_lines(reading.decode_bytes(sys.stdin.buffer.read(), "standard input", encoding))
-    if os.path.isdir(path):
-        raise UserError(f"--input {path}: is a folder, not a file")
     return _numbered_lines(reading.read_text(path, encoding))
 
 
@@ -99,13 +97,8 @@ def read_jsonl(path: str, text_column: str, pair_column: str | None = None, enco
 
 def read_table_input(path: str, text_column: str, pair_column: str | None = None, encoding: str = "") -> Inputs:
     """A .csv, .tsv, .json or .parquet file, read by reading.load_table() as training and evaluation read theirs."""
-    if not os.path.exists(path):
-        raise UserError(f"--input {path}: no such file")
-    if os.path.isdir(path):
-        raise UserError(f"--input {path}: is a folder, not a file")
     loaded = reading.load_table(path, f"'{text_column}'", encoding=encoding)
     df = loaded.frame
-    df.columns = [str(c) for c in df.columns]
     for column, what in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
         if column is not None and column not in df.columns:
             raise UserError(f"{path}: no column '{column}' ({what}); the columns are: {', '.join(df.columns)}")
@@ -116,6 +109,8 @@ def read_table_input(path: str, text_column: str, pair_column: str | None = None
 def read_inputs(path: str, text_column: str, pair_column: str | None = None, encoding: str = "") -> Inputs:
     if path != "-" and not os.path.exists(path):
         raise UserError(f"--input {path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"--input {path}: is a folder, not a file")
     extension = os.path.splitext(path)[1].lower()
     if extension in (".jsonl", ".ndjson"):  # its own reader: a JSON string per line, and blank lines, are examples
         return read_jsonl(path, text_column, pair_column, encoding)

@@ -195,7 +195,7 @@ def _read_csv(path: str, sep: str, limit: int, encoding: str, expected_header: s
     options = {"sep": sep, "encoding": codec, "dtype": str, "keep_default_na": False}
     try:
         df = pd.read_csv(path, nrows=limit or None, quoting=csv.QUOTE_MINIMAL, **options)
-        # pandas renames a repeated column name (review, review.1): which one is meant is the user's call
+        # pandas renames a repeated column name (review, review.1): the header's own names are checked
         names = [str(c) for c in pd.read_csv(path, nrows=1, header=None, **options).iloc[0]]
     except UnicodeDecodeError:
         with open(path, "rb") as f:  # where: pandas' offset counts in its own buffer, not in the file
@@ -211,11 +211,16 @@ def _read_csv(path: str, sep: str, limit: int, encoding: str, expected_header: s
         what = "TSV" if sep == "\t" else "CSV"
         raise UserError(f"{path}: not a valid {what}: {str(e).strip().splitlines()[-1]}") from None
     _log_read(path, codec, how)
+    _refuse_repeated_names(path, names, "the header names")
+    return df
+
+
+def _refuse_repeated_names(path: str, names: list, where: str):
+    """A column named twice is an error that names it: which of the two is meant is the user's call."""
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise UserError(f"{path}: the header names column(s) {', '.join(map(repr, repeated))} more than once; "
+        raise UserError(f"{path}: {where} column(s) {', '.join(map(repr, repeated))} more than once; "
                         f"rename them so that each column has its own name")
-    return df
 
 
 def _read_jsonl(path: str, limit: int, encoding: str) -> tuple[pd.DataFrame, list]:
@@ -262,10 +267,7 @@ def _read_parquet(path: str, limit: int) -> pd.DataFrame:
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise UserError(f"{path}: not a valid Parquet file: {str(e).strip().splitlines()[0]}") from None
     names = [str(c) for c in table.column_names]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise UserError(f"{path}: the file names column(s) {', '.join(map(repr, repeated))} more than once; "
-                        f"rename them so that each column has its own name")
+    _refuse_repeated_names(path, names, "the file names")
     table = table.slice(0, limit) if limit else table
     # Python values, not pandas': an integer column with a null stays 1, not 1.0
     return pd.DataFrame({name: [_as_text(v) for v in table.column(i).to_pylist()] for i, name in enumerate(names)},
