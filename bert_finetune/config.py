@@ -61,7 +61,8 @@ class Config:
     seed: int = trajectory(42)
     # outputs
     output_dir: str = "outputs"
-    # TensorBoard: LOGGING_DIR/RUN_NAME, relative to where the job starts, as torch's SummaryWriter does, so that
+    # TensorBoard: events in OUTPUT_DIR/runs/RUN_NAME (the output folder holds all of a job), linked from
+    # LOGGING_DIR/RUN_NAME, relative to where the job starts as torch's SummaryWriter's runs/ is, so that
     # `tensorboard --logdir runs` in that folder shows every job started there side by side
     logging_dir: str = "runs"
     run_name: str = ""  # "" = the output folder's name and the start time; a resumed run keeps its own

@@ -1,5 +1,6 @@
 """Console, tqdm and TensorBoard: rank 0 speaks, the others only warn."""
 import logging
+import os
 import re
 import sys
 import time
@@ -103,6 +104,20 @@ class Writer:
         if self.tb:
             tb, self.tb = self.tb, None
             self._call(tb.close)
+
+
+def link_run(events_dir: str, link: str):
+    """Make `link` a symbolic link to the run folder `events_dir`, so that TensorBoard pointed at the link's
+    folder finds the run (it follows links); nothing to do when both name one folder. A link that cannot be
+    made (a file system without them, a name taken) is a warning that says where the events are."""
+    if os.path.realpath(link) == os.path.realpath(events_dir):
+        return
+    try:
+        os.makedirs(os.path.dirname(link) or ".", exist_ok=True)
+        os.symlink(os.path.relpath(events_dir, os.path.dirname(link) or "."), link, target_is_directory=True)
+    except OSError as e:
+        log.warning("TensorBoard events are in %s (no link %s: %s): tensorboard --logdir %s", events_dir, link,
+                    e.strerror or e, os.path.dirname(events_dir))
 
 
 def progress(total: int, initial: int, enabled: bool, every: float = 30.0, unit: str = "step"):

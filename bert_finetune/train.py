@@ -274,9 +274,11 @@ class Trainer:
         # (steps redone now) is purged, so that each curve is drawn once
         self.state.run_name = cfg.run_name or self.state.run_name or \
             f"{os.path.basename(os.path.abspath(cfg.output_dir))}-{time.strftime('%Y%m%d-%H%M%S')}"
-        logdir = os.path.join(cfg.logging_dir, self.state.run_name)
+        logdir = os.path.join(cfg.output_dir, "runs", self.state.run_name)
         purge = self.state.step + 1 if self.state.step else None
         self.writer = reporting.Writer(logdir if dist.is_main else None, purge_step=purge)
+        if dist.is_main:
+            reporting.link_run(logdir, os.path.join(cfg.logging_dir, self.state.run_name))
         self.peak = self._measure_peak()
         self.meter = reporting.Meter(reporting.train_flops_per_token(self.raw_model), self.peak, self.state.speed,
                                      reduce=self._sum_over_ranks)

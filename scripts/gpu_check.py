@@ -230,7 +230,7 @@ def print_table(rows, name, peak, args):
           "held-out loss | held-out acc | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        def cell(key, fmt):
+        def cell(key, fmt, r=r):
             return fmt.format(r[key]) if r.get(key) is not None else "—"
         print(f"| {r['way']} | {cell('samples_per_s', '{:.1f}')} | {cell('tokens_per_s', '{:.0f}')} | "
               f"{cell('mfu', '{:.1%}')} | {cell('steady', '{:.1f}')} | {cell('steady_mfu', '{:.1%}')} | "

@@ -72,7 +72,7 @@ TOKEN_CACHE = tempfile.mkdtemp(prefix="bert-finetune-test-tokens-")
 
 
 def train_args(model, train_file, output_dir, *extra):
-    # TensorBoard beside the outputs, not in runs/ under the folder pytest runs in
+    # TensorBoard's link in the output folder itself, not in runs/ under the folder pytest runs in
     return ["--model", model, "--train-file", train_file, "--output-dir", str(output_dir), "--max-length", "32",
             "--logging-dir", os.path.join(str(output_dir), "runs"),
             "--batch-size", "8", "--lr", "2e-3", "--warmup-ratio", "0.0", "--log-steps", "5",

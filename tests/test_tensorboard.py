@@ -5,6 +5,7 @@ import os
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
@@ -114,7 +115,11 @@ def test_runs_sit_beside_the_job_and_a_resumed_run_goes_on_in_its_own(setup, tmp
     run_train([str(a) for a in (*common, "--output-dir", "second", "--epochs", 1)])
     runs = sorted(os.listdir(tmp_path / "runs"))
     assert len(runs) == 2 and runs[0].startswith("first-2") and runs[1].startswith("second-2"), runs
-    assert not os.path.exists(tmp_path / "first" / "runs")
+    for run in runs:  # the events live in the output folder; runs/ links to them
+        assert os.path.islink(tmp_path / "runs" / run)
+        assert os.path.samefile(tmp_path / "runs" / run, tmp_path / run.split("-")[0] / "runs" / run)
+    multiplexer = EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "runs"))  # what `tensorboard` runs
+    assert sorted(multiplexer.Runs()) == runs
     run_train([str(a) for a in (*common, "--output-dir", "first", "--epochs", 2, "--resume", "auto")])
     assert sorted(os.listdir(tmp_path / "runs")) == runs  # no third run
     acc = EventAccumulator(str(tmp_path / "runs" / runs[0]), size_guidance={"scalars": 0})
