@@ -5,6 +5,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from . import reading
+from . import reading, reporting
 from .config import Config
 from .errors import UserError
 
@@ -125,13 +126,56 @@ def _truncate_inside(ids: np.ndarray, special: np.ndarray, max_length: int, mode
     return np.concatenate([ids[:lead], body, ids[len(ids) - trail:]])
 
 
+class Tokens:
+    """Token ids of many examples in one flat array and their offsets: example i is flat[offsets[i]:offsets[i + 1]].
+    No Python or numpy object per example; loaded from the token cache the arrays are memory-mapped, so that the
+    processes of a node share one copy of the pages."""
+
+    computed = False  # tokenized by this process (not read from the cache)
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat, self.offsets = flat, offsets
+
+    @classmethod
+    def join(cls, parts, dtype=np.int32) -> "Tokens":
+        """One Tokens from a sequence of per-example arrays, or of Tokens (batches), in order."""
+        parts = list(parts)
+        if parts and isinstance(parts[0], Tokens):
+            lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, np.int64)
+            flat = np.concatenate([p.flat for p in parts]).astype(dtype, copy=False)
+        else:
+            lengths = np.fromiter((len(x) for x in parts), dtype=np.int64, count=len(parts))
+            flat = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(flat, offsets)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i) -> np.ndarray:
+        # a copy: a view would keep a memory-mapped page writable-looking and alive in the batch
+        return np.array(self.flat[self.offsets[i]:self.offsets[i + 1]])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 def tokenize(tokenizer, texts, max_length: int, truncation: str = "head", head_tokens: int = 0, batch: int = 2048):
     """Token ids per text, at most max_length with the special tokens, unpadded (padding happens per batch).
 
     head is the tokenizer's own truncation where it cuts on the right; otherwise, and for tail and head_tail, the
     whole text is tokenized and cut with truncate().
     """
-    ids = []
+    return list(_tokenize_batches(tokenizer, texts, max_length, truncation, head_tokens, batch))
+
+
+def _tokenize_batches(tokenizer, texts, max_length: int, truncation: str, head_tokens: int, batch: int):
+    """tokenize()'s arrays, one text after another. A fast tokenizer encodes each batch on every core."""
     # the tokenizer's own truncation cuts on its truncation_side, which some tokenizers ship as "left"
     own_cut = truncation == "head" and getattr(tokenizer, "truncation_side", "right") == "right"
     for start in range(0, len(texts), batch):
@@ -139,13 +183,12 @@ def tokenize(tokenizer, texts, max_length: int, truncation: str = "head", head_t
         if own_cut:
             enc = tokenizer(chunk, truncation=True, max_length=max_length,
                             return_attention_mask=False, return_token_type_ids=False)
-            ids.extend(np.asarray(x, dtype=np.int32) for x in enc["input_ids"])
+            yield from (np.asarray(x, dtype=np.int32) for x in enc["input_ids"])
             continue
         enc = tokenizer(chunk, return_special_tokens_mask=True, return_attention_mask=False,
                         return_token_type_ids=False)
-        ids.extend(_truncate_inside(np.asarray(x, dtype=np.int32), np.asarray(m, dtype=bool), max_length, truncation,
-                                    head_tokens) for x, m in zip(enc["input_ids"], enc["special_tokens_mask"]))
-    return ids
+        yield from (_truncate_inside(np.asarray(x, dtype=np.int32), np.asarray(m, dtype=bool), max_length, truncation,
+                                     head_tokens) for x, m in zip(enc["input_ids"], enc["special_tokens_mask"]))
 
 
 def uses_token_types(tokenizer) -> bool:
@@ -200,57 +243,120 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(about.encode()).hexdigest()
 
 
+def tokenize_flat(tokenizer, texts, max_length: int, truncation: str = "head", head_tokens: int = 0,
+                  progress: bool = False, batch: int = 8192) -> Tokens:
+    """tokenize() into one Tokens, a batch at a time: no object per text is kept."""
+    parts = []
+    with reporting.progress(len(texts), 0, progress and len(texts) > 4 * batch, unit="text") as bar:
+        for start in range(0, len(texts), batch):
+            chunk = texts[start:start + batch]
+            parts.append(Tokens.join(list(_tokenize_batches(tokenizer, chunk, max_length, truncation, head_tokens,
+                                                            batch))))
+            bar.update(len(chunk))
+    return Tokens.join(parts) if parts else Tokens.join([])
+
+
+def tokenize_pairs_flat(tokenizer, texts, pairs, max_length: int, progress: bool = False, batch: int = 8192):
+    """tokenize_pairs() into (Tokens of ids, Tokens of type ids or None), a batch at a time."""
+    ids, types = [], []
+    with reporting.progress(len(texts), 0, progress and len(texts) > 4 * batch, unit="text") as bar:
+        for start in range(0, len(texts), batch):
+            chunk_ids, chunk_types = tokenize_pairs(tokenizer, texts[start:start + batch], pairs[start:start + batch],
+                                                    max_length, batch)
+            ids.append(Tokens.join(chunk_ids))
+            if chunk_types is not None:
+                types.append(Tokens.join(chunk_types, np.int8))
+            bar.update(len(chunk_ids))
+    return Tokens.join(ids), (Tokens.join(types, np.int8) if types else None)
+
+
 def tokenize_cached(tokenizer, texts, max_length: int, cache_dir: str, truncation: str = "head",
-                    head_tokens: int = 0):
-    """tokenize(), cached on disk under a key of the texts, the tokenizer, the length limit and the
+                    head_tokens: int = 0, progress: bool = False) -> Tokens:
+    """tokenize_flat(), cached on disk under a key of the texts, the tokenizer, the length limit and the
     truncation, so a rerun on the same data skips tokenization. cache_dir "" turns the cache off."""
     setting = f"truncation={truncation}|" + (f"head_tokens={head_tokens}|" if truncation == "head_tail" else "")
     key = f"{tokenizer_fingerprint(tokenizer)}|{max_length}|{setting}"
-    return _cached(cache_dir, key, texts, lambda: {"ids": tokenize(tokenizer, texts, max_length, truncation,
-                                                                  head_tokens)})["ids"]
+    return _cached(cache_dir, key, texts, len(texts), lambda: {
+        "ids": tokenize_flat(tokenizer, texts, max_length, truncation, head_tokens, progress)})["ids"]
 
 
-def tokenize_pairs_cached(tokenizer, texts, pairs, max_length: int, cache_dir: str):
-    """tokenize_pairs(), cached like tokenize_cached()."""
+def tokenize_pairs_cached(tokenizer, texts, pairs, max_length: int, cache_dir: str, progress: bool = False):
+    """tokenize_pairs_flat(), cached like tokenize_cached()."""
     key = f"{tokenizer_fingerprint(tokenizer)}|{max_length}|pairs|types={uses_token_types(tokenizer)}|"
-    both = [t for text_and_pair in zip(texts, pairs) for t in text_and_pair]
+    both = (t for text_and_pair in zip(texts, pairs) for t in text_and_pair)
 
     def compute():
-        ids, types = tokenize_pairs(tokenizer, texts, pairs, max_length)
+        ids, types = tokenize_pairs_flat(tokenizer, texts, pairs, max_length, progress)
         return {"ids": ids} if types is None else {"ids": ids, "types": types}
-    found = _cached(cache_dir, key, both, compute)
+    found = _cached(cache_dir, key, both, len(texts), compute)
     return found["ids"], found.get("types")
 
 
-def _cached(cache_dir: str, key: str, strings, compute) -> dict:
-    """compute() -> {name: one array per example, equally long across names}, stored under a hash of key and
-    strings in one .npz (flat arrays and shared offsets)."""
-    if not cache_dir:
-        return compute()
+def cache_entry(cache_dir: str, key: str, strings) -> str:
+    """The cache folder for `key` and `strings` (a hash of both)."""
     h = hashlib.sha256(key.encode())
     for t in strings:
         h.update(t.encode("utf-8", "surrogatepass") + b"\0")
-    path = os.path.join(os.path.expanduser(cache_dir), f"{h.hexdigest()[:32]}.npz")
-    try:
-        with np.load(path) as f:
-            offsets = f["offsets"]
-            flat = {name: f[name] for name in f.files if name != "offsets"}
-        return {name: [a[i:j] for i, j in zip(offsets[:-1], offsets[1:])] for name, a in flat.items()}
-    except (OSError, KeyError, ValueError):
-        pass  # not cached yet (or a damaged file): tokenize and write it anew
+    return os.path.join(os.path.expanduser(cache_dir), f"{h.hexdigest()[:32]}.tokens")
+
+
+def _cached(cache_dir: str, key: str, strings, count: int, compute) -> dict:
+    """compute() -> {name: Tokens, all with one set of offsets}, stored in a folder named by a hash of key and
+    strings: offsets.npy and NAME.npy, read back memory-mapped. The folder is written under a temporary name and
+    renamed, so that it is there whole or not at all: what a killed process wrote is never read."""
+    if not cache_dir:
+        found = compute()
+        for tokens in found.values():
+            tokens.computed = True
+        return found
+    path = cache_entry(cache_dir, key, strings)
+    found = _load_entry(path, count)
+    if found is not None:
+        return found
     found = compute()
-    ids = found["ids"]
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum([len(x) for x in ids], out=offsets[1:])
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
-        flat = {name: np.concatenate(v) if v else np.zeros(0, np.int32) for name, v in found.items()}
-        np.savez(tmp, offsets=offsets, **flat)
-        os.replace(tmp, path)  # ranks may race to write the same entry: each rename is whole
-    except OSError as e:
-        log.warning("token cache %s not written: %s", cache_dir, e.strerror)
+    if _store_entry(path, found):
+        found = _load_entry(path, count) or found  # memory-mapped: the pages are the node's, not this process's
+    for tokens in found.values():
+        tokens.computed = True
     return found
+
+
+def _load_entry(path: str, count: int) -> dict | None:
+    """A cache folder's Tokens, memory-mapped; None if it is missing or does not hold `count` examples."""
+    try:
+        offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r")
+        found = {}
+        for name in ("ids", "types"):
+            file = os.path.join(path, f"{name}.npy")
+            if name == "types" and not os.path.exists(file):
+                continue
+            flat = np.load(file, mmap_mode="r")
+            if len(offsets) != count + 1 or offsets[-1] != len(flat):
+                return None
+            found[name] = Tokens(flat, offsets)
+        return found
+    except (OSError, ValueError):  # not cached yet, or damaged
+        return None
+
+
+def _store_entry(path: str, found: dict) -> bool:
+    """Write a cache folder atomically (see _cached()); False, with a warning, if it cannot be written."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        np.save(os.path.join(tmp, "offsets.npy"), next(iter(found.values())).offsets)
+        for name, tokens in found.items():
+            np.save(os.path.join(tmp, f"{name}.npy"), tokens.flat)
+        if os.path.exists(path):  # damaged (it did not load): replaced
+            shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+        return True
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(path):  # another process wrote the same entry first
+            return True
+        log.warning("token cache %s not written: %s", os.path.dirname(path), e.strerror or e)
+        return False
 
 
 def balanced_class_weights(labels, num_classes: int) -> np.ndarray:
@@ -263,11 +369,13 @@ class EncodedDataset(Dataset):
     """Pre-tokenized examples; item i is {input_ids, labels, index} (and token_type_ids for sentence pairs)."""
 
     def __init__(self, input_ids, labels, texts=None, token_type_ids=None):
-        self.input_ids = input_ids
+        self.input_ids = input_ids if isinstance(input_ids, Tokens) else Tokens.join(input_ids)
+        if token_type_ids is not None and not isinstance(token_type_ids, Tokens):
+            token_type_ids = Tokens.join(token_type_ids, np.int8)
         self.token_type_ids = token_type_ids
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.texts = texts
-        self.lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
+        self.texts = texts  # for showing examples; None where nothing is shown
+        self.lengths = self.input_ids.lengths
 
     def __len__(self):
         return len(self.input_ids)
@@ -359,12 +467,15 @@ def resolve_head_tokens(cfg: Config, tokenizer) -> int:
     return k
 
 
-def encode_table(tokenizer, table: pd.DataFrame, labels: LabelMap, source: str, cfg: Config) -> EncodedDataset:
-    """A table's token ids (through the cache) and label ids, as the dataset the loop reads."""
+def encode_table(tokenizer, table: pd.DataFrame, labels: LabelMap, source: str, cfg: Config, keep_texts: bool = True,
+                 progress: bool = False) -> EncodedDataset:
+    """A table's token ids (through the cache) and label ids, as the dataset the loop reads; its texts too if
+    keep_texts (to show examples)."""
     texts, types = table["text"].tolist(), None
     if cfg.text_pair_column:
-        ids, types = tokenize_pairs_cached(tokenizer, texts, table["pair"].tolist(), cfg.max_length, cfg.cache_dir)
+        ids, types = tokenize_pairs_cached(tokenizer, texts, table["pair"].tolist(), cfg.max_length, cfg.cache_dir,
+                                           progress)
     else:
         ids = tokenize_cached(tokenizer, texts, cfg.max_length, cfg.cache_dir, cfg.truncation,
-                              resolve_head_tokens(cfg, tokenizer))
-    return EncodedDataset(ids, labels.encode(table, source), texts, types)
+                              resolve_head_tokens(cfg, tokenizer), progress)
+    return EncodedDataset(ids, labels.encode(table, source), texts if keep_texts else None, types)

@@ -3,6 +3,7 @@ import ctypes
 import datetime
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +102,20 @@ def is_distributed() -> bool:
 
 def barrier():
     if is_distributed():
+        dist.barrier()
+
+
+@contextmanager
+def node_leader_first(is_leader: bool, enabled: bool = True):
+    """Run the body on each node's leader (local rank 0) while the node's other ranks wait, then on them: the
+    leader writes what the others then read (the token cache), so that the work is done once per node."""
+    if not (enabled and is_distributed()):
+        yield
+        return
+    if not is_leader:
+        dist.barrier()
+    yield
+    if is_leader:
         dist.barrier()
 
 

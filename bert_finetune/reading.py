@@ -163,6 +163,7 @@ class Loaded:
     rows: np.ndarray  # per row its line (CSV and TSV: the header is line 1; JSON Lines) or record number (from 1)
     unit: str  # what `rows` counts: "line" or "record"
     format: str  # csv, tsv, jsonl, json or parquet
+    columns: list  # every column (field) name the file has, read or not
 
 
 def _as_text(value) -> str:
@@ -190,13 +191,18 @@ def _records_frame(records: list) -> pd.DataFrame:
     return pd.DataFrame({key: [_as_text(record.get(key)) for record in records] for key in keys}, dtype=object)
 
 
-def _read_csv(path: str, sep: str, limit: int, encoding: str, expected_header: str) -> pd.DataFrame:
+def _read_csv(path: str, sep: str, limit: int, encoding: str, expected_header: str,
+              columns: list | None = None) -> tuple[pd.DataFrame, list]:
+    """(the table, holding only `columns` if given, and every column name of the header)."""
     codec, how = resolve_encoding(path, encoding)
     options = {"sep": sep, "encoding": codec, "dtype": str, "keep_default_na": False}
     try:
-        df = pd.read_csv(path, nrows=limit or None, quoting=csv.QUOTE_MINIMAL, **options)
         # pandas renames a repeated column name (review, review.1): the header's own names are checked
         names = [str(c) for c in pd.read_csv(path, nrows=1, header=None, **options).iloc[0]]
+        _refuse_repeated_names(path, names, "the header names")
+        # only the columns the job reads: the others would cost a Python string per cell
+        usecols = [n for n in names if n in columns] if columns else None
+        df = pd.read_csv(path, nrows=limit or None, quoting=csv.QUOTE_MINIMAL, usecols=usecols, **options)
     except UnicodeDecodeError:
         with open(path, "rb") as f:  # where: pandas' offset counts in its own buffer, not in the file
             raw = f.read()
@@ -211,8 +217,7 @@ def _read_csv(path: str, sep: str, limit: int, encoding: str, expected_header: s
         what = "TSV" if sep == "\t" else "CSV"
         raise UserError(f"{path}: not a valid {what}: {str(e).strip().splitlines()[-1]}") from None
     _log_read(path, codec, how)
-    _refuse_repeated_names(path, names, "the header names")
-    return df
+    return df, names
 
 
 def _refuse_repeated_names(path: str, names: list, where: str):
@@ -257,7 +262,8 @@ def _read_json(path: str, limit: int, encoding: str) -> pd.DataFrame:
     return _records_frame(found)
 
 
-def _read_parquet(path: str, limit: int) -> pd.DataFrame:
+def _read_parquet(path: str, limit: int, columns: list | None = None) -> tuple[pd.DataFrame, list]:
+    """(the table, holding only `columns` if given, and every column name of the file)."""
     if importlib.util.find_spec("pyarrow") is None:
         raise UserError(f"{path}: reading Parquet files needs pyarrow: pip install 'bert-finetune[parquet]' "
                         f"(or pip install pyarrow)")
@@ -269,15 +275,18 @@ def _read_parquet(path: str, limit: int) -> pd.DataFrame:
     names = [str(c) for c in table.column_names]
     _refuse_repeated_names(path, names, "the file names")
     table = table.slice(0, limit) if limit else table
+    kept = [i for i, name in enumerate(names) if not columns or name in columns]
     # Python values, not pandas': an integer column with a null stays 1, not 1.0
-    return pd.DataFrame({name: [_as_text(v) for v in table.column(i).to_pylist()] for i, name in enumerate(names)},
-                        dtype=object)
+    return pd.DataFrame({names[i]: [_as_text(v) for v in table.column(i).to_pylist()] for i in kept},
+                        dtype=object), names
 
 
-def load_table(path: str, expected_header: str, limit: int = 0, encoding: str = "") -> Loaded:
+def load_table(path: str, expected_header: str, limit: int = 0, encoding: str = "",
+               columns: list | None = None) -> Loaded:
     """A data file by its name's ending: .csv, .tsv, .jsonl (one object per line), .json (a list of objects),
-    .parquet, anything else as CSV; the first `limit` rows (0 = all). Every cell is a string as written (a label
-    NA stays "NA"; a JSON 1 becomes "1"). Text is in `encoding` or the detected one (resolve_encoding()).
+    .parquet, anything else as CSV; the first `limit` rows (0 = all); of CSV, TSV and Parquet only `columns`
+    (those of them the file has) if given. Every cell is a string as written (a label NA stays "NA"; a JSON 1
+    becomes "1"). Text is in `encoding` or the detected one (resolve_encoding()).
 
     Every failure is one UserError naming the file (and the line or record).
     """
@@ -287,13 +296,17 @@ def load_table(path: str, expected_header: str, limit: int = 0, encoding: str = 
             header = f" (expected a header line such as {expected_header})" if kind in ("csv", "tsv") else ""
             raise UserError(f"{path}: the file is empty{header}")
         if kind in ("csv", "tsv"):
-            frame = _read_csv(path, "\t" if kind == "tsv" else ",", limit, encoding, expected_header)
-            return Loaded(frame, np.arange(2, len(frame) + 2), "line", kind)
+            frame, names = _read_csv(path, "\t" if kind == "tsv" else ",", limit, encoding, expected_header, columns)
+            return Loaded(frame, np.arange(2, len(frame) + 2), "line", kind, names)
         if kind == "jsonl":
             frame, lines = _read_jsonl(path, limit, encoding)
-            return Loaded(frame, np.asarray(lines, dtype=np.int64), "line", kind)
-        frame = _read_json(path, limit, encoding) if kind == "json" else _read_parquet(path, limit)
-        return Loaded(frame, np.arange(1, len(frame) + 1), "record", kind)
+            return Loaded(frame, np.asarray(lines, dtype=np.int64), "line", kind, [str(c) for c in frame.columns])
+        if kind == "json":
+            frame = _read_json(path, limit, encoding)
+            names = [str(c) for c in frame.columns]
+        else:
+            frame, names = _read_parquet(path, limit, columns)
+        return Loaded(frame, np.arange(1, len(frame) + 1), "record", kind, names)
     except OSError as e:
         raise UserError(f"{path}: cannot be read: {e.strerror}") from None
 
@@ -314,11 +327,12 @@ def read_table(path: str, text_column: str, label_column: str | None, limit: int
         raise UserError(f"{path}: no such file")
     if os.path.isdir(path):
         raise UserError(f"{path}: is a folder, not a data file")
-    loaded = load_table(path, f"'{label_column},{text_column}'", limit, encoding)
+    wanted = [c for c in (text_column, label_column, pair_column) if c is not None]
+    loaded = load_table(path, f"'{label_column},{text_column}'", limit, encoding, wanted)
     df, unit = loaded.frame, loaded.unit
     if len(df) == 0 and loaded.format not in ("csv", "tsv"):
         raise UserError(f"{path}: holds no records")
-    columns = [str(c) for c in df.columns]
+    columns = loaded.columns
     for column, what in ((text_column, "--text-column"), (label_column, "--label-column"),
                          (pair_column, "--text-pair-column")):
         if column is not None and column not in columns:

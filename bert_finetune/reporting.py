@@ -106,6 +106,16 @@ class Writer:
             self._call(tb.close)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KB on Linux
+
+
 def link_run(events_dir: str, link: str):
     """Make `link` a symbolic link to the run folder `events_dir`, so that TensorBoard pointed at the link's
     folder finds the run (it follows links); nothing to do when both name one folder. A link that cannot be

@@ -143,6 +143,7 @@ class Trainer:
         precision.allow_tf32(self.device)
         self.tokenizer, self.model_config = job.tokenizer, job.model_config
         self._build_data(job.tables)
+        job.tables = None  # tokenized: their texts need not stay in memory
         self._build_model(job)
         self._build_optimizer()
         self.state = TrainState()
@@ -151,15 +152,30 @@ class Trainer:
         self.checkpoint_bytes, self.warned_room = 0, False  # the last checkpoint's size; warned of no room once
         self.model = self._wrap(self.raw_model)
         self._build_reporting()
+        self.setup_report["peak_rss_mb"] = reporting.peak_rss_mb()
+        self.setup_reports = distributed.gather(self.setup_report)
+        log.info("set up: %s", "; ".join(f"rank {r['rank']} {r['tokenized'] and 'tokenized' or 'read the cache'} "
+                                          f"(data {r['data_s']:.1f} s), peak memory {r['peak_rss_mb']:.0f} MB"
+                                          for r in self.setup_reports))
 
     def _build_data(self, tables: data.Tables):
-        """Tokenize once, unpadded; batches are padded to their own longest example."""
+        """Tokenize once per node, unpadded: each node's first rank tokenizes into the token cache while the others
+        wait, then they read it memory-mapped. Batches are padded to their own longest example."""
         cfg, dist, t0 = self.cfg, self.dist, time.perf_counter()
         self.labels = tables.labels
-        self.train_set = data.encode_table(self.tokenizer, tables.train, self.labels, tables.train_source, cfg)
-        self.eval_set = data.encode_table(self.tokenizer, tables.held_out, self.labels, tables.held_out_source, cfg)
-        log.info("data: %d train / %d held-out examples, %d labels (%s), tokenized in %.1f s", len(self.train_set),
-                 len(self.eval_set), len(self.labels), ", ".join(self.labels.names), time.perf_counter() - t0)
+        with distributed.node_leader_first(dist.local_rank == 0, enabled=bool(cfg.cache_dir)):
+            self.train_set = data.encode_table(self.tokenizer, tables.train, self.labels, tables.train_source, cfg,
+                                               keep_texts=False, progress=dist.is_main)
+            # the texts of the examples shown in TensorBoard, on the rank that writes it
+            self.eval_set = data.encode_table(self.tokenizer, tables.held_out, self.labels, tables.held_out_source,
+                                              cfg, keep_texts=dist.is_main)
+        self.setup_report = {"rank": dist.rank, "data_s": round(time.perf_counter() - t0, 2),
+                             "tokenized": sum(len(d) for d in (self.train_set, self.eval_set)
+                                              if d.input_ids.computed)}
+        log.info("data: %d train / %d held-out examples, %d labels (%s), %s in %.1f s", len(self.train_set),
+                 len(self.eval_set), len(self.labels), ", ".join(self.labels.names),
+                 "tokenized" if self.setup_report["tokenized"] else "token ids from the cache",
+                 self.setup_report["data_s"])
         self.collate = inference.collator(self.tokenizer, self.device, self.model_config)
         self.sampler = LengthGroupedSampler(self.train_set.lengths, cfg.batch_size, dist.world_size, dist.rank,
                                             cfg.seed, group_by_length=cfg.sampler == "length")
@@ -482,10 +498,11 @@ class Trainer:
         # a shared machine's peak drifts and a busy moment lowers a probe: the best of those before and after
         self.meter.peak = max(self.peak, self._measure_peak())
         speed = self.meter.overall()
+        peaks = distributed.gather(reporting.peak_rss_mb())
         if self.dist.is_main:
             checkpoint.export(self.raw_model, self.tokenizer, os.path.join(cfg.output_dir, "last"),
                               {**self.export_info, "step": state.step})
-            checkpoint.write_json(os.path.join(cfg.output_dir, "results.json"), self._results(speed))
+            checkpoint.write_json(os.path.join(cfg.output_dir, "results.json"), self._results(speed, peaks))
             final_metrics = {k: v for k, v in (state.final or {}).items() if k not in ("epoch", "step")}
             if state.best:
                 final_metrics[f"best_{cfg.metric_for_best}"] = state.best[cfg.metric_for_best]
@@ -497,7 +514,7 @@ class Trainer:
                      cfg.output_dir)
         distributed.barrier()
 
-    def _results(self, speed: dict) -> dict:
+    def _results(self, speed: dict, peaks: list) -> dict:
         state = self.state
         weights = self.class_weights
         return {
@@ -514,6 +531,8 @@ class Trainer:
             "train_tokens_per_s": speed["tokens_per_s"],
             "padding_fraction": speed["padding_fraction"],
             "mfu": speed["mfu"], "peak_flops": self.meter.peak,
+            # per rank: the data set-up (texts tokenized here, 0 = read from the token cache) and peak memory
+            "setup": self.setup_reports, "peak_rss_mb": peaks,
             "config": config.to_dict(self.cfg),
         }
 

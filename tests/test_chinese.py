@@ -144,7 +144,7 @@ def test_chinese_reviews_in_gbk_train_predict_evaluate(assets, tmp_path):
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     config = json.loads((out / "best" / "config.json").read_text(encoding="utf-8"))
     assert set(config["id2label"].values()) == {"正面", "负面"}  # the labels as written, not mojibake
-    assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(tmp_path / "runs") for f in fs)
+    assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(tmp_path / "runs", followlinks=True) for f in fs)
 
     # bert-base-chinese's vocabulary covers the reviews: almost no character becomes [UNK]
     from transformers import AutoTokenizer

@@ -12,10 +12,14 @@ from test_train import transformers_predictions
 def test_two_processes_metrics_equal_sklearn_and_single_process(tiny_model, make_csv, tmp_path):
     train, held = make_csv("train.csv", n=240, seed=3), make_csv("eval.csv", n=101, seed=4)  # odd eval size
     out = tmp_path / "ddp"
-    p = torchrun(2, train_args(tiny_model, train, out, "--eval-file", held, "--epochs", 2))
+    # a token cache of its own: the first rank of the node tokenizes, the other one reads what it wrote
+    p = torchrun(2, train_args(tiny_model, train, out, "--eval-file", held, "--epochs", 2,
+                               "--cache-dir", tmp_path / "tokens"))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     r = json.load(open(out / "results.json"))
     assert r["world_size"] == 2
+    assert [s["tokenized"] for s in r["setup"]] == [240 + 101, 0], r["setup"]
+    assert all(s["peak_rss_mb"] > 50 for s in r["setup"]) and len(r["peak_rss_mb"]) == 2
     df = pd.read_csv(held)
     preds, config = transformers_predictions(out / "last", df.review)
     y = df.label.map(config.label2id).to_numpy()

@@ -100,9 +100,58 @@ def test_token_cache_round_trips_and_keys_on_inputs(tiny_model, tmp_path):
     tok = modeling.load_tokenizer(tiny_model)
     texts = ["the good movie", "a bad plot indeed", ""]
     first = data.tokenize_cached(tok, texts, 32, str(tmp_path))
-    assert len(list(tmp_path.glob("*.npz"))) == 1
+    assert len(list(tmp_path.glob("*.tokens"))) == 1
     again = data.tokenize_cached(tok, texts, 32, str(tmp_path))
     assert [x.tolist() for x in again] == [x.tolist() for x in first] == [x.tolist() for x in data.tokenize(tok, texts, 32)]
     data.tokenize_cached(tok, texts, 4, str(tmp_path))  # another max length: another entry
     data.tokenize_cached(tok, texts[:2], 32, str(tmp_path))  # other texts: another entry
-    assert len(list(tmp_path.glob("*.npz"))) == 3, sorted(p.name for p in tmp_path.iterdir())
+    assert len(list(tmp_path.glob("*.tokens"))) == 3, sorted(p.name for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("truncation", ["head", "tail", "head_tail", "pairs"])
+def test_the_memory_mapped_cache_gives_the_token_ids_of_tokenize(tiny_model, tmp_path, truncation):
+    """The cache is flat arrays read memory-mapped; example by example they are tokenize()'s (tokenize_pairs()'s)
+    ids, from the run that wrote it and from the next."""
+    import numpy as np
+    from bert_finetune import data, modeling
+    tok = modeling.load_tokenizer(tiny_model)
+    texts = [" ".join(["good", "bad", "the", "movie"][i % 4:] * (i % 9)) for i in range(40)]
+    pairs = [t[::-1] for t in texts]
+    for run in ("written", "read"):
+        if truncation == "pairs":
+            ids, types = data.tokenize_pairs_cached(tok, texts, pairs, 12, str(tmp_path))
+            want_ids, want_types = data.tokenize_pairs(tok, texts, pairs, 12)
+            assert [x.tolist() for x in types] == [x.tolist() for x in want_types]
+        else:
+            ids = data.tokenize_cached(tok, texts, 12, str(tmp_path), truncation, 3)
+            want_ids = data.tokenize(tok, texts, 12, truncation, 3)
+        assert [x.tolist() for x in ids] == [x.tolist() for x in want_ids]
+        assert isinstance(ids.flat, np.memmap) and ids.computed == (run == "written")
+        assert max(len(x) for x in ids) == 12  # some were cut
+
+
+def test_a_cache_entry_left_half_written_is_never_read(tiny_model, tmp_path):
+    """A killed writer leaves a temporary folder (ignored) or, on a damaged disk, a short file: both are
+    tokenized anew and the entry rewritten whole."""
+    import numpy as np
+    from bert_finetune import data, modeling
+    tok = modeling.load_tokenizer(tiny_model)
+    texts = ["the good movie", "a bad plot", "dull"]
+    want = [x.tolist() for x in data.tokenize(tok, texts, 32)]
+    entry = data.tokenize_cached(tok, texts, 32, str(tmp_path))  # learn the entry's name
+    path = next(tmp_path.glob("*.tokens"))
+    del entry
+    for f in path.iterdir():
+        f.unlink()
+    path.rmdir()
+    half = tmp_path / f"{path.name}.tmp-12345"  # what a writer killed before its rename leaves
+    half.mkdir()
+    np.save(half / "offsets.npy", np.array([0, 1, 2, 3]))
+    np.save(half / "ids.npy", np.array([7, 7, 7], dtype=np.int32))
+    again = data.tokenize_cached(tok, texts, 32, str(tmp_path))
+    assert again.computed and [x.tolist() for x in again] == want
+    ids = path / "ids.npy"  # now a whole entry: cut it short, as a damaged disk would
+    ids.write_bytes(ids.read_bytes()[:-4])
+    third = data.tokenize_cached(tok, texts, 32, str(tmp_path))
+    assert third.computed and [x.tolist() for x in third] == want
+    assert not data.tokenize_cached(tok, texts, 32, str(tmp_path)).computed
