@@ -1,5 +1,8 @@
 """bert-finetune: fine-tune BERT-family models for text classification, one loop for one device and DDP."""
+import time
+
 __version__ = "0.1.0"
+PROCESS_START = time.time()  # imported first by `python -m bert_finetune.X`: set-up times count from here
 
 
 def __getattr__(name):

@@ -13,11 +13,12 @@ LABEL<tab>PROBABILITY<tab>TEXT (<tab>PAIR); --output writes CSV or JSON Lines by
 and the probability of every label. Output rows follow input rows one to one: an empty example gets
 an empty prediction.
 """
+import itertools
 import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -43,83 +44,102 @@ class Inputs:
     unit: str = "line"  # what `lines` counts in a file: line, or record (JSON, Parquet)
 
 
-def _numbered_lines(text: str) -> list:
-    """(line number, line) for each line of a text, without the line endings (\n or \r\n)."""
-    lines = text.split("\n")
-    if lines[-1] == "":  # the last line's ending, or an empty text
-        lines.pop()
-    return [(number, line.rstrip("\r")) for number, line in enumerate(lines, 1)]
+# examples read, scored and written at a time: memory does not grow with the input
+CHUNK = 10_000
 
 
-def _read_file_lines(path: str, encoding: str = "") -> list:
-    """A file's (or, for '-', standard input's) numbered lines, decoded as reading.decode_bytes() does: the
-    encoding detected, or --encoding's; a byte that does not decode is a one-line error."""
+def _batched(items, n: int):
+    """Lists of n items at a time (the last may be shorter)."""
+    items = iter(items)
+    while part := list(itertools.islice(items, n)):
+        yield part
+
+
+def _file_lines(path: str, encoding: str = ""):
+    """(line number, line) of a file, or of standard input for '-', decoded a block at a time as
+    reading.stream_lines() does: the encoding detected, or --encoding's; a byte that does not decode is a
+    one-line error."""
     if path == "-":
-        return _numbered_lines(reading.decode_bytes(sys.stdin.buffer.read(), "standard input", encoding))
-    return _numbered_lines(reading.read_text(path, encoding))
+        yield from reading.stream_lines(sys.stdin.buffer, "standard input", encoding)
+        return
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read: {e.strerror}") from None
+    with f:
+        yield from reading.stream_lines(f, path, encoding)
 
 
-def read_lines(path: str, encoding: str = "") -> Inputs:
-    """One example per line; '-' is standard input."""
-    lines = _read_file_lines(path, encoding)
-    return Inputs([t for _, t in lines], [n for n, _ in lines], None, "text")
+def iter_lines(path: str, encoding: str = "", chunk: int = CHUNK):
+    """One example per line ('-' is standard input), `chunk` examples at a time."""
+    for part in _batched(_file_lines(path, encoding), chunk):
+        yield Inputs([t for _, t in part], [n for n, _ in part], None, "text")
 
 
-def read_jsonl(path: str, text_column: str, pair_column: str | None = None, encoding: str = "") -> Inputs:
-    """One JSON object per line with the text under `text_column` (and the pair's second text under
-    `pair_column`), or one JSON string per line."""
-    texts, numbers, records, pairs = [], [], [], []
-    for number, line in _read_file_lines(path, encoding):
-        if not line.strip():  # a blank line keeps its place as an empty example
-            obj = {}
-        else:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {number} is not valid JSON: {e.msg}") from None
-        if isinstance(obj, str):
-            obj = {text_column: obj}
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}: line {number}: expected an object or a string, got {type(obj).__name__}")
-        for field, what in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
-            if obj and field is not None and field not in obj:
-                raise UserError(f"{path}: line {number}: no field '{field}' ({what}); "
-                                f"the fields are: {', '.join(map(str, obj))}")
-        text = obj.get(text_column, "")
-        texts.append("" if text is None else str(text))
-        if pair_column is not None:
-            pair = obj.get(pair_column, "")
-            pairs.append("" if pair is None else str(pair))
-        numbers.append(number)
-        records.append(obj)
-    return Inputs(texts, numbers, records, text_column, pairs if pair_column is not None else None)
+def _jsonl_record(path: str, number: int, line: str, text_column: str, pair_column: str | None) -> dict:
+    """One line of JSON Lines input as a record: an object with the text under `text_column` (and the pair's
+    second text under `pair_column`), a JSON string (the text), or a blank line ({}: an empty example)."""
+    if not line.strip():  # a blank line keeps its place as an empty example
+        return {}
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {number} is not valid JSON: {e.msg}") from None
+    if isinstance(obj, str):
+        obj = {text_column: obj}
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: line {number}: expected an object or a string, got {type(obj).__name__}")
+    for key, what in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
+        if obj and key is not None and key not in obj:
+            raise UserError(f"{path}: line {number}: no field '{key}' ({what}); "
+                            f"the fields are: {', '.join(map(str, obj))}")
+    return obj
 
 
-def read_table_input(path: str, text_column: str, pair_column: str | None = None, encoding: str = "") -> Inputs:
-    """A .csv, .tsv, .json or .parquet file, read by reading.load_table() as training and evaluation read theirs."""
-    loaded = reading.load_table(path, f"'{text_column}'", encoding=encoding)
-    df = loaded.frame
-    for column, what in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
-        if column is not None and column not in df.columns:
-            raise UserError(f"{path}: no column '{column}' ({what}); the columns are: {', '.join(df.columns)}")
-    return Inputs(df[text_column].tolist(), loaded.rows.tolist(), df.to_dict("records"), text_column,
-                  df[pair_column].tolist() if pair_column is not None else None, loaded.unit)
+def _field(record: dict, key: str) -> str:
+    value = record.get(key, "")
+    return "" if value is None else str(value)
 
 
-def read_inputs(path: str, text_column: str, pair_column: str | None = None, encoding: str = "") -> Inputs:
+def iter_jsonl(path: str, text_column: str, pair_column: str | None = None, encoding: str = "",
+               chunk: int = CHUNK):
+    """JSON Lines input (see _jsonl_record()), `chunk` examples at a time."""
+    for part in _batched(_file_lines(path, encoding), chunk):
+        records = [_jsonl_record(path, number, line, text_column, pair_column) for number, line in part]
+        yield Inputs([_field(r, text_column) for r in records], [n for n, _ in part], records, text_column,
+                     [_field(r, pair_column) for r in records] if pair_column is not None else None)
+
+
+def iter_table_input(path: str, text_column: str, pair_column: str | None = None, encoding: str = "",
+                     chunk: int = CHUNK):
+    """A .csv, .tsv, .json or .parquet file, read by reading.iter_table() as training and evaluation read theirs
+    (CSV, TSV and Parquet `chunk` rows at a time)."""
+    for loaded in reading.iter_table(path, f"'{text_column}'", encoding, chunk):
+        df = loaded.frame
+        for column, what in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
+            if column is not None and column not in loaded.columns:
+                raise UserError(f"{path}: no column '{column}' ({what}); the columns are: "
+                                f"{', '.join(loaded.columns)}")
+        yield Inputs(df[text_column].tolist(), loaded.rows.tolist(), df.to_dict("records"), text_column,
+                     df[pair_column].tolist() if pair_column is not None else None, loaded.unit)
+
+
+def iter_inputs(path: str, text_column: str, pair_column: str | None = None, encoding: str = "",
+                chunk: int = CHUNK):
+    """--input's examples, `chunk` at a time, by the file's name: JSON Lines, a table, or one per line."""
     if path != "-" and not os.path.exists(path):
         raise UserError(f"--input {path}: no such file")
     if os.path.isdir(path):
         raise UserError(f"--input {path}: is a folder, not a file")
     extension = os.path.splitext(path)[1].lower()
     if extension in (".jsonl", ".ndjson"):  # its own reader: a JSON string per line, and blank lines, are examples
-        return read_jsonl(path, text_column, pair_column, encoding)
+        return iter_jsonl(path, text_column, pair_column, encoding, chunk)
     if extension in reading.FORMATS:
-        return read_table_input(path, text_column, pair_column, encoding)
+        return iter_table_input(path, text_column, pair_column, encoding, chunk)
     if pair_column is not None:
         raise UserError(f"--input {path}: sentence pairs (--text-pair-column {pair_column}) need a table (.csv, "
                         f".tsv, .json, .parquet) or .jsonl input with both texts")
-    return read_lines(path, encoding)
+    return iter_lines(path, encoding, chunk)
 
 
 # ---------------------------------------------------------------- output
@@ -156,30 +176,59 @@ def output_kind(path: str) -> str:
     return "csv" if extension == ".csv" else "jsonl"
 
 
-def write_output(path: str, rows: list):
-    """CSV or JSON Lines by the name; a file is written under a temporary name and renamed, so an
-    interrupted run leaves no half-written file."""
-    kind = output_kind(path)
-    if kind == "stdout":
-        sys.stdout.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        sys.stdout.flush()
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UserError(f"--output {path}: the folder {parent} does not exist")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        if kind == "csv":
-            pd.DataFrame(rows).to_csv(tmp, index=False, encoding="utf-8")
+class Output:
+    """Where predictions go, a chunk at a time: LABEL<tab>PROBABILITY<tab>TEXT lines on standard output (no
+    --output), JSON Lines on standard output (-), or a CSV or JSON Lines file by its name, written under a
+    temporary name and renamed once all is written, so that an interrupted run leaves no half-written file. The
+    CSV's columns are those of the first chunk's rows."""
+
+    def __init__(self, path: str | None, names):
+        self.path, self.names, self.count = path, names, 0
+        self.kind = output_kind(path) if path else "lines"
+        self.columns, self.file, self.tmp = None, None, None
+        if self.kind in ("csv", "jsonl"):
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise UserError(f"--output {path}: the folder {parent} does not exist")
+            self.tmp = f"{path}.tmp-{os.getpid()}"
+            self.file = self._io(open, self.tmp, "w", encoding="utf-8", newline="")
+
+    def _io(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            raise UserError(f"--output {self.path}: cannot be written: {e.strerror}") from None
+
+    def write(self, inputs: Inputs, probs: np.ndarray):
+        self.count += len(inputs.texts)
+        if self.kind == "lines":
+            print_predictions(inputs, probs, self.names)
+            return
+        rows = output_rows(inputs, probs, self.names, nested=self.kind != "csv")
+        if self.kind == "csv":
+            # object columns: a value is written as it was read (an integer field with a gap stays 1, not 1.0)
+            frame = pd.DataFrame(rows, columns=self.columns, dtype=object)
+            self._io(frame.to_csv, self.file, index=False, header=self.columns is None)
+            self.columns = list(frame.columns)
         else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"--output {path}: cannot be written: {e.strerror}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            if self.file is None:
+                sys.stdout.write(lines)
+                sys.stdout.flush()
+            else:
+                self._io(self.file.write, lines)
+
+    def close(self, complete: bool):
+        """Rename the written file into place if `complete`, else remove it."""
+        if self.file is None:
+            return
+        try:
+            self._io(self.file.close)
+            if complete:
+                self._io(os.replace, self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
 
 
 def _one_line(text: str) -> str:
@@ -188,10 +237,20 @@ def _one_line(text: str) -> str:
 
 # ---------------------------------------------------------------- CLI
 
-def _where(inputs: Inputs, positions, what: str) -> str:
-    shown = ", ".join(str(inputs.lines[i]) for i in positions[:5])
-    plural = "s" if len(positions) > 1 and what in ("line", "record") else ""
-    return f"{what}{plural} {shown}{' ...' if len(positions) > 5 else ''}"
+@dataclass
+class Flagged:
+    """Examples of one kind worth a warning (empty, truncated), over all chunks: how many, and where the first
+    few are."""
+    count: int = 0
+    first: list = field(default_factory=list)
+
+    def add(self, inputs: Inputs, positions):
+        self.count += len(positions)
+        self.first += [inputs.lines[i] for i in positions[:5 - len(self.first)]]
+
+    def where(self, what: str) -> str:
+        plural = "s" if self.count > 1 and what in ("line", "record") else ""
+        return f"{what}{plural} {', '.join(map(str, self.first))}{' ...' if self.count > 5 else ''}"
 
 
 def parse_args(argv):
@@ -211,14 +270,18 @@ def parse_args(argv):
     parser.add_argument("--encoding", default="", help="--input's text encoding, e.g. gb18030, utf-16, cp1252 "
                                                        "(default: detected)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=CHUNK,
+                        help=f"examples read, scored and written at a time (default {CHUNK}): memory does not grow "
+                             f"with the input")
     parser.add_argument("--max-length", type=int, help="default: the length the model was trained with")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
     parser.add_argument("--precision", choices=CHOICES["precision"], default="auto",
                         help="auto (default): bf16 or fp16 autocast on CUDA as in training, fp32 on CPU")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    for flag, value in (("--batch-size", args.batch_size), ("--chunk-size", args.chunk_size)):
+        if value < 1:
+            raise UserError(f"{flag} must be positive, got {value}")
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length must be at least 2, got {args.max_length}")
     if args.encoding:
@@ -245,24 +308,19 @@ def command_line_inputs(args, pair_column: str | None) -> Inputs:
                   list(args.text_pair) if args.text_pair is not None else None)
 
 
-def score(predictor: Predictor, inputs: Inputs, batch_size: int, what: str) -> np.ndarray:
-    """Probabilities per example, in input order; rows of nan for empty examples. Empty and truncated
-    examples are reported (`what` names where they are: line or --text)."""
+def score(predictor: Predictor, inputs: Inputs, batch_size: int, empty: Flagged, cut: Flagged) -> np.ndarray:
+    """Probabilities per example, in input order; rows of nan for empty examples. Empty examples, and those
+    longer than max_length (truncated), are added to `empty` and `cut`."""
     def filled(i):  # a sentence pair needs both texts
         return bool(inputs.texts[i].strip()) and (inputs.pairs is None or bool(inputs.pairs[i].strip()))
     present = [i for i in range(len(inputs.texts)) if filled(i)]
-    empty = [i for i in range(len(inputs.texts)) if not filled(i)]
-    if empty:
-        log.warning("%d empty example(s) (%s) get an empty prediction", len(empty), _where(inputs, empty, what))
+    empty.add(inputs, [i for i in range(len(inputs.texts)) if not filled(i)])
     probs = np.full((len(inputs.texts), len(predictor.labels)), np.nan, dtype=np.float32)
     if present:
         pairs = [inputs.pairs[i] for i in present] if inputs.pairs is not None else None
         texts = [inputs.texts[i] for i in present]
         ids, types = predictor.tokenize(texts, pairs)
-        cut = np.flatnonzero(predictor.truncated(ids, texts, pairs))
-        if len(cut):
-            log.warning("%d of %d example(s) are longer than %d tokens and were truncated (%s)", len(cut),
-                        len(present), predictor.max_length, _where(inputs, [present[i] for i in cut], what))
+        cut.add(inputs, [present[i] for i in np.flatnonzero(predictor.truncated(ids, texts, pairs))])
         probs[present] = predictor.scores(ids, batch_size, len(present) > 8 * batch_size, types)
     return probs
 
@@ -286,26 +344,38 @@ def main(argv=None):
     args = parse_args(argv)
     reporting.setup_logging()
     log.handlers[0].setStream(sys.stderr)  # standard output carries the predictions only
-    kind = output_kind(args.output) if args.output else None
-    # the input is read before the model loads: a wrong column or file fails at once
+    if args.output:
+        output_kind(args.output)
+    # the input's first chunk is read before the model loads: a wrong column or file fails at once
     saved = saved_settings(modeling.resolve(args.model))
     text_column = args.text_column or saved.get("text_column") or DEFAULT_TEXT_COLUMN
     pair_column = args.text_pair_column or saved.get("text_pair_column") or None
     if args.text is not None:
-        inputs = command_line_inputs(args, pair_column)
+        chunks = iter([command_line_inputs(args, pair_column)])
     elif args.text_pair is not None:
         raise UserError("--text-pair goes with --text; with --input name the column with --text-pair-column")
     else:
-        inputs = read_inputs(args.input, text_column, pair_column, args.encoding)
+        chunks = iter_inputs(args.input, text_column, pair_column, args.encoding, args.chunk_size)
+    first = next(chunks, None)
     predictor = Predictor(args.model, device=args.device, max_length=args.max_length,
                           trust_remote_code=args.trust_remote_code, precision=args.precision)
-    probs = score(predictor, inputs, args.batch_size, "--text" if args.text is not None else inputs.unit)
-    if not args.output:
-        print_predictions(inputs, probs, predictor.labels.names)
-        return
-    write_output(args.output, output_rows(inputs, probs, predictor.labels.names, nested=kind != "csv"))
-    if kind != "stdout":
-        log.info("%d prediction(s) written to %s", len(inputs.texts), args.output)
+    output = Output(args.output, predictor.labels.names)
+    empty, cut, what = Flagged(), Flagged(), "--text" if args.text is not None else None
+    complete = False
+    try:
+        for inputs in itertools.chain([first] if first is not None else [], chunks):
+            what = what or inputs.unit
+            output.write(inputs, score(predictor, inputs, args.batch_size, empty, cut))
+        complete = True
+    finally:
+        output.close(complete)
+    if empty.count:
+        log.warning("%d empty example(s) (%s) get an empty prediction", empty.count, empty.where(what))
+    if cut.count:
+        log.warning("%d of %d example(s) are longer than %d tokens and were truncated (%s)", cut.count,
+                    output.count - empty.count, predictor.max_length, cut.where(what))
+    if output.kind in ("csv", "jsonl"):
+        log.info("%d prediction(s) written to %s", output.count, args.output)
 
 
 if __name__ == "__main__":

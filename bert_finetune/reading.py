@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,9 +124,11 @@ def _log_read(path: str, codec: str, how: str):
     log.log(level, "%s: read as %s text (%s)", path, encoding_name(codec), how)
 
 
-def _undecodable(name: str, raw: bytes, codec: str, how: str, error: UnicodeDecodeError) -> UserError:
-    """The one line for bytes that `codec` cannot decode: the line they are on, and what to do."""
-    line = raw[:error.start].decode(codec, errors="replace").count("\n") + 1
+def _undecodable(name: str, raw: bytes, codec: str, how: str, error: UnicodeDecodeError | None,
+                 line: int = 0) -> UserError:
+    """The one line for bytes that `codec` cannot decode: the line they are on (`line`, or where `error` is in
+    `raw`), and what to do."""
+    line = line or raw[:error.start].decode(codec, errors="replace").count("\n") + 1
     hint = f"{how}; {ENCODING_HINT}"
     if how.startswith("--encoding"):
         detected, found = detect_encoding(raw[:SAMPLE_BYTES], len(raw) <= SAMPLE_BYTES)
@@ -192,17 +195,40 @@ def _records_frame(records: list) -> pd.DataFrame:
 
 
 def _read_csv(path: str, sep: str, limit: int, encoding: str, expected_header: str,
-              columns: list | None = None) -> tuple[pd.DataFrame, list]:
-    """(the table, holding only `columns` if given, and every column name of the header)."""
+              columns: list | None = None, chunk: int = 0):
+    """(the table, holding only `columns` if given, and every column name of the header); with `chunk`, (an
+    iterator of tables of `chunk` rows, the names)."""
     codec, how = resolve_encoding(path, encoding)
     options = {"sep": sep, "encoding": codec, "dtype": str, "keep_default_na": False}
-    try:
+    with _csv_errors(path, sep, codec, how, encoding, expected_header):
         # pandas renames a repeated column name (review, review.1): the header's own names are checked
         names = [str(c) for c in pd.read_csv(path, nrows=1, header=None, **options).iloc[0]]
         _refuse_repeated_names(path, names, "the header names")
         # only the columns the job reads: the others would cost a Python string per cell
         usecols = [n for n in names if n in columns] if columns else None
-        df = pd.read_csv(path, nrows=limit or None, quoting=csv.QUOTE_MINIMAL, usecols=usecols, **options)
+        df = pd.read_csv(path, nrows=limit or None, quoting=csv.QUOTE_MINIMAL, usecols=usecols,
+                         chunksize=chunk or None, **options)
+    if chunk:
+        return _checked_chunks(df, path, sep, codec, how, encoding, expected_header), names
+    _log_read(path, codec, how)
+    return df, names
+
+
+def _checked_chunks(reader, path, sep, codec, how, encoding, expected_header):
+    """pandas' chunks of a CSV, its errors as _csv_errors() says them; the encoding logged once the first chunk
+    decoded."""
+    with _csv_errors(path, sep, codec, how, encoding, expected_header):
+        for number, frame in enumerate(reader):
+            if number == 0:
+                _log_read(path, codec, how)
+            yield frame
+
+
+@contextmanager
+def _csv_errors(path: str, sep: str, codec: str, how: str, encoding: str, expected_header: str):
+    """pandas' errors while reading a CSV or TSV as one UserError line each."""
+    try:
+        yield
     except UnicodeDecodeError:
         with open(path, "rb") as f:  # where: pandas' offset counts in its own buffer, not in the file
             raw = f.read()
@@ -216,8 +242,6 @@ def _read_csv(path: str, sep: str, limit: int, encoding: str, expected_header: s
     except pd.errors.ParserError as e:
         what = "TSV" if sep == "\t" else "CSV"
         raise UserError(f"{path}: not a valid {what}: {str(e).strip().splitlines()[-1]}") from None
-    _log_read(path, codec, how)
-    return df, names
 
 
 def _refuse_repeated_names(path: str, names: list, where: str):
@@ -309,6 +333,79 @@ def load_table(path: str, expected_header: str, limit: int = 0, encoding: str = 
         return Loaded(frame, np.arange(1, len(frame) + 1), "record", kind, names)
     except OSError as e:
         raise UserError(f"{path}: cannot be read: {e.strerror}") from None
+
+
+def iter_table(path: str, expected_header: str, encoding: str = "", chunk: int = 10_000):
+    """load_table() a chunk of rows at a time: CSV and TSV through pandas' chunked reader, Parquet a record batch
+    at a time, so that memory does not grow with the file; JSON Lines and JSON come whole, as one chunk."""
+    kind = file_format(path)
+    if kind not in ("csv", "tsv", "parquet"):
+        yield load_table(path, expected_header, encoding=encoding)
+        return
+    try:
+        if os.path.getsize(path) == 0:
+            header = f" (expected a header line such as {expected_header})" if kind != "parquet" else ""
+            raise UserError(f"{path}: the file is empty{header}")
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read: {e.strerror}") from None
+    if kind == "parquet":
+        frames, names = _parquet_batches(path, chunk)
+    else:
+        frames, names = _read_csv(path, "\t" if kind == "tsv" else ",", 0, encoding, expected_header, chunk=chunk)
+    first = 2 if kind != "parquet" else 1  # CSV rows are lines after the header; Parquet's are records
+    for frame in frames:
+        yield Loaded(frame.reset_index(drop=True), np.arange(first, first + len(frame)),
+                     "line" if kind != "parquet" else "record", kind, names)
+        first += len(frame)
+
+
+def _parquet_batches(path: str, chunk: int):
+    """(an iterator of tables of `chunk` records, every column name), as _read_parquet() reads them whole."""
+    if importlib.util.find_spec("pyarrow") is None:
+        raise UserError(f"{path}: reading Parquet files needs pyarrow: pip install 'bert-finetune[parquet]' "
+                        f"(or pip install pyarrow)")
+    import pyarrow.parquet as pq
+    try:
+        file = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a valid Parquet file: {str(e).strip().splitlines()[0]}") from None
+    names = [str(c) for c in file.schema_arrow.names]
+    _refuse_repeated_names(path, names, "the file names")
+
+    def frames():
+        for batch in file.iter_batches(batch_size=chunk):
+            yield pd.DataFrame({name: [_as_text(v) for v in batch.column(i).to_pylist()]
+                                for i, name in enumerate(names)}, dtype=object)
+    return frames(), names
+
+
+def stream_lines(stream, name: str, encoding: str = "", block: int = 1 << 20):
+    """(line number, line) for each line of a binary stream, without line endings (\n or \r\n), decoded a block
+    at a time as decode_bytes() decodes a whole file (the encoding detected from the first MB, or --encoding's):
+    memory does not grow with the file. Bytes that do not decode are one UserError naming `name` and the line."""
+    raw = sample = stream.read(SAMPLE_BYTES + 1)
+    codec, how = resolve_encoding(name, encoding, raw)
+    decoder = codecs.getincrementaldecoder(codec)()
+    number, pending, logged = 0, "", False
+    while True:
+        try:
+            text = pending + decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as e:
+            line = number + pending.count("\n") + raw[:max(e.start, 0)].decode(codec, "replace").count("\n") + 1
+            raise _undecodable(name, sample, codec, how, None, line) from None
+        if not logged:
+            _log_read(name, codec, how)
+            logged = True
+        lines = text.split("\n")
+        pending = lines.pop()  # the last line may go on in the next block
+        for line in lines:
+            number += 1
+            yield number, line.rstrip("\r")
+        if not raw:
+            break
+        raw = stream.read(block)
+    if pending:
+        yield number + 1, pending.rstrip("\r")
 
 
 def row_unit(table: pd.DataFrame) -> str:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from . import (checkpoint, config, data, distributed, inference, metrics, modeling, optim, precision, reporting, rng,
                speedups, visuals)
+from . import PROCESS_START
 from .errors import UserError, WriteError, cli
 from .evaluate import evaluate
 from .sampling import LengthGroupedSampler, steps_per_epoch
@@ -153,9 +154,12 @@ class Trainer:
         self.model = self._wrap(self.raw_model)
         self._build_reporting()
         self.setup_report["peak_rss_mb"] = reporting.peak_rss_mb()
+        self.setup_report["pss_mb"] = reporting.proportional_mb()  # shared pages counted once over the processes
+        self.setup_report["ready_s"] = round(time.time() - PROCESS_START, 2)  # to the first training step
         self.setup_reports = distributed.gather(self.setup_report)
         log.info("set up: %s", "; ".join(f"rank {r['rank']} {r['tokenized'] and 'tokenized' or 'read the cache'} "
-                                          f"(data {r['data_s']:.1f} s), peak memory {r['peak_rss_mb']:.0f} MB"
+                                          f"(data {r['data_s']:.1f} s), ready at {r['ready_s']:.1f} s, peak memory "
+                                          f"{r['peak_rss_mb']:.0f} MB, now {r['pss_mb']:.0f} MB of its own"
                                           for r in self.setup_reports))
 
     def _build_data(self, tables: data.Tables):
@@ -203,7 +207,9 @@ class Trainer:
         candidates = [speedups.FIRST_TOKEN_LAST_LAYER]
         if self.device.type == "cpu" and not cfg.compile:  # torch.compile makes its own dropout kernels
             candidates.insert(0, speedups.FAST_CPU_DROPOUT)
-        first = self.collate([self.train_set[i] for i in range(min(len(self.train_set), cfg.batch_size))])
+        # a few examples show whether a speed-up changes the logits as well as a whole batch would, in a quarter
+        # of the start-up time
+        first = self.collate([self.train_set[i] for i in range(min(len(self.train_set), 8))])
         batch = {k: first[k].to(self.device) for k in inference.MODEL_INPUTS if k in first}
         self.speedups = speedups.enable(self.raw_model, batch, candidates)
         if self.speedups:

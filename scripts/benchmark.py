@@ -31,6 +31,11 @@ token embeddings (random weights; XLM-R's vocabulary size), where on CPU the emb
 AdamW update cost more than the encoder: ours, ours with --freeze-embeddings, the Trainer with
 group_by_length (and with bf16 where the CPU has bf16 units), each on the same data and batches.
 
+--scale N adds a data-at-scale table (scripts/scale.py): with N training rows (the embedded sentences
+repeated, or --train-file's), for 1 process and launch.sh 2, first run and cache hit: texts tokenized, data
+set-up seconds, seconds to the first training step, wall clock and peak memory per rank. `--only ''` with it
+runs that table alone.
+
 --whole-job adds a second table: wall clock from process start to saved model for the whole job
 (load, tokenize, 2 epochs, evaluate and save each epoch): ours (the embedded default job) vs the seed
 recipe on the HF Trainer (eval/save each epoch, keep 2, load the best at the end and save it with its
@@ -54,6 +59,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
 
 from bert_finetune import data, precision, reporting
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import scale  # noqa: E402  (scripts/scale.py, beside this file)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(ROOT, "scripts", "peers.py")
@@ -375,6 +383,9 @@ WHOLE_JOB_COLUMNS = [("whole job", "way", "{}"), ("start to saved model, s", "wa
                      ("time vs Trainer defaults", "vs_trainer", "{:.2f}x")]
 
 
+SCALE_COLUMNS = scale.COLUMNS
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=1)
@@ -387,6 +398,10 @@ def parse_args(argv=None):
     p.add_argument("--padded-steps", type=int, default=30, help="row f: time at most this many steps (0 = all)")
     p.add_argument("--whole-job", action="store_true", help="add the whole-job table (2 epochs; slow)")
     p.add_argument("--large-vocab", action="store_true", help="add the 250,002-token vocabulary table")
+    p.add_argument("--scale", type=int, default=0, metavar="N",
+                   help="add the data-at-scale table: set-up with N training rows (scripts/scale.py)")
+    p.add_argument("--train-file", default="", help="--scale: repeat this label,review file's rows, not the "
+                                                     "embedded sentences")
     p.add_argument("--output", default="benchmark.json", help="where the JSON goes")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (CSVs, outputs, logs)")
     args = p.parse_args(argv)
@@ -436,6 +451,12 @@ def main(argv=None):
     if args.large_vocab:
         results["large_vocab"] = large_vocab_table(bench)
         failed |= any(r["note"].startswith("failed") for r in results["large_vocab"])
+    if args.scale:
+        try:
+            results["scale"] = scale.scale_table(args.scale, work, args.train_file)
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            results["scale"], failed = [], True
     if args.whole_job:
         try:
             results["whole_job"] = whole_job_table(bench)
@@ -444,7 +465,7 @@ def main(argv=None):
             results["whole_job"], failed = [], True
 
     tables = [(results["rows"], THROUGHPUT_COLUMNS), (results.get("large_vocab"), THROUGHPUT_COLUMNS),
-              (results.get("whole_job"), WHOLE_JOB_COLUMNS)]
+              (results.get("whole_job"), WHOLE_JOB_COLUMNS), (results.get("scale"), SCALE_COLUMNS)]
     print("\n\n".join(markdown(rows, columns) for rows, columns in tables if rows), flush=True)
     with open(args.output, "w") as f:
         json.dump(results, f, indent=1)

@@ -87,6 +87,59 @@ def test_jsonl_round_trip(trained, tmp_path, capsys):
         assert sum(g["probabilities"].values()) == pytest.approx(1, abs=2e-6)
 
 
+@pytest.mark.parametrize("source", ["csv", "jsonl", "txt", "parquet"])
+def test_streamed_output_equals_the_whole_input_at_once(trained, tmp_path, capsys, source):
+    """Read, scored and written 7 examples at a time, the output files and the warnings are those of one chunk
+    holding everything, in CSV and in JSON Lines: the same rows, fields and labels, the probabilities equal up
+    to float rounding (other batches pad to other lengths)."""
+    if source == "parquet":
+        pytest.importorskip("pyarrow")
+    rows = synthetic_rows(40, seed=11)
+    rows[5]["review"], rows[20]["review"] = "", "good " * 40  # an empty example; a truncated one
+    src = tmp_path / f"in.{source}"
+    if source == "csv":
+        pd.DataFrame(rows).to_csv(src, index=False)
+    elif source == "parquet":
+        pd.DataFrame(rows).to_parquet(src)
+    elif source == "jsonl":
+        src.write_text("".join(json.dumps({**r, "n": i if i % 3 else None}) + "\n" for i, r in enumerate(rows)))
+    else:
+        src.write_text("".join(r["review"] + "\r\n" for r in rows))
+    for out in ("out.csv", "out.jsonl"):
+        whole = predict(["--model", trained, "--input", src, "--output", tmp_path / f"whole-{out}"], capsys)
+        streamed = predict(["--model", trained, "--input", src, "--output", tmp_path / f"chunks-{out}",
+                            "--chunk-size", 7], capsys)
+        a, b = (read_output(tmp_path / f"{how}-{out}") for how in ("chunks", "whole"))
+        probs = [c for c in a.columns if c.startswith("prob")]
+        assert list(a.columns) == list(b.columns) and a.drop(columns=probs).equals(b.drop(columns=probs))
+        assert np.allclose(*(x[probs].apply(pd.to_numeric) for x in (a, b)), atol=2e-6, equal_nan=True)
+        warnings = [[line[9:] for line in run.err.splitlines()[:-1]] for run in (streamed, whole)]  # no time
+        assert warnings[0] == warnings[1]  # (the last line names the file written)
+        assert "1 empty example(s)" in whole.err and "1 of 39 example(s) are longer" in whole.err
+    assert len((tmp_path / "chunks-out.jsonl").read_text().splitlines()) == 40
+
+
+def read_output(path) -> pd.DataFrame:
+    if path.suffix == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return pd.DataFrame([{k: v for k, v in r.items() if k != "probabilities"}
+                         | {f"prob_{k}": v for k, v in (r["probabilities"] or {}).items()} for r in rows])
+
+
+def test_stream_lines_decodes_across_blocks_as_the_whole_file(monkeypatch):
+    """A character cut between two blocks, \r\n endings, a last line without an ending: the same lines as
+    decoding the whole file."""
+    from bert_finetune import reading
+    text = "第一行\r\nzweite Zeile ü\n\n第四行没有换行"
+    for codec in ("utf-8", "gb18030", "utf-16"):
+        raw = text.encode(codec)
+        monkeypatch.setattr(reading, "SAMPLE_BYTES", 3)
+        got = list(reading.stream_lines(io.BytesIO(raw), "f", codec, block=2))
+        want = [(i, line.rstrip("\r")) for i, line in enumerate(text.split("\n"), 1)]
+        assert got == want, codec
+
+
 def test_stdin_lines_in_order_to_jsonl_on_stdout(trained, capsys, monkeypatch):
     out = predict(["--model", trained, "--input", "-", "--output", "-"], capsys,
                   stdin="\ufeffa good film\n\r\nbad movie\r\nsuperb\n".encode(), monkeypatch=monkeypatch)
