@@ -25,16 +25,26 @@ PRECISIONS = CHOICES["precision"]
 
 @dataclass
 class EvalResult:
-    metrics: dict  # accuracy, weighted_/macro_ precision/recall/f1, loss
-    confusion: np.ndarray  # summed over ranks
+    metrics: dict  # accuracy, weighted_/macro_ precision/recall/f1, loss (multi-label: metrics.from_multi_label_sums)
+    confusion: np.ndarray  # summed over ranks; multi-label: per label [[tn, fp], [fn, tp]], as scikit-learn's
     # this rank's share, for pictures and reports: dataset indices, true labels, probabilities
     indices: np.ndarray
     labels: np.ndarray
     probs: np.ndarray
+    # multi-label: the thresholds the metrics are at, and per label precision, recall, f1, support
+    thresholds: np.ndarray | None = None
+    per_label: dict | None = None
 
 
-def evaluate(model, loader, num_labels: int, device: torch.device, autocast=nullcontext) -> EvalResult:
-    """Score this rank's shard (inference.length_sorted_loader) and sum the counts over ranks."""
+def evaluate(model, loader, num_labels: int, device: torch.device, autocast=nullcontext,
+             thresholds="tuned", tuned_too: bool = False) -> EvalResult:
+    """Score this rank's shard (inference.length_sorted_loader) and sum the counts over ranks.
+
+    A multi-label model (problem_type multi_label_classification) is judged at `thresholds`: "tuned" (each
+    label's F1-best on these examples) or one per label; beside them the summary at 0.5 (`NAME_at_0.5`) and,
+    with tuned_too, at tuned thresholds (`NAME_tuned`)."""
+    if getattr(model.config, "problem_type", None) == data.MULTI_LABEL_PROBLEM:
+        return _evaluate_multi_label(model, loader, num_labels, device, autocast, thresholds, tuned_too)
     indices, labels, probs = [], [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for batch, logits in inference.logits(model, loader, device, autocast):
@@ -52,6 +62,43 @@ def evaluate(model, loader, num_labels: int, device: torch.device, autocast=null
     result = metrics.from_confusion(cm)
     result["loss"] = float(loss_sum / max(cm.sum(), 1))
     return EvalResult(result, cm, indices, labels, probs)
+
+
+def _evaluate_multi_label(model, loader, num_labels, device, autocast, thresholds, tuned_too) -> EvalResult:
+    """Sigmoid probabilities and BCE; the thresholds tuned from all-reduced score histograms; the metrics
+    from all-reduced counts (every example once)."""
+    indices, labels, probs = [], [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for batch, logits in inference.logits(model, loader, device, autocast):
+        y = batch["labels"].to(device, non_blocking=True)
+        loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum").double()
+        probs.append(inference.to_probabilities(logits, True).cpu())
+        labels.append(batch["labels"].to(torch.int64))
+        indices.append(batch["index"])
+    probs = torch.cat(probs).numpy() if probs else np.zeros((0, num_labels), dtype=np.float32)
+    labels = torch.cat(labels).numpy() if labels else np.zeros((0, num_labels), dtype=np.int64)
+    indices = torch.cat(indices).numpy() if indices else np.zeros(0, dtype=np.int64)
+    tuned = None
+    if isinstance(thresholds, str) or tuned_too:
+        tuned = metrics.tuned_thresholds(distributed.all_reduce_sum(metrics.score_histograms(probs, labels), device))
+    chosen = tuned if isinstance(thresholds, str) else np.asarray(thresholds, dtype=np.float64)
+    others = {"_at_0.5": np.full(num_labels, 0.5)}
+    if tuned is not None and tuned is not chosen:
+        others["_tuned"] = tuned
+    others = {k: v for k, v in others.items() if not np.array_equal(v, chosen)}
+    parts = [chosen, *others.values()]
+    local = np.concatenate([metrics.multi_label_sums(labels, metrics.predicted(probs, t)) for t in parts]
+                           + [[loss_sum.item()]])
+    summed = distributed.all_reduce_sum(local, device)
+    width = 3 * num_labels + 5
+    result, per = metrics.from_multi_label_sums(summed[:width], num_labels)
+    n = summed[width - 1]
+    result["loss"] = float(summed[-1] / max(n * num_labels, 1))
+    for i, suffix in enumerate(others, start=1):
+        other, _ = metrics.from_multi_label_sums(summed[i * width:(i + 1) * width], num_labels)
+        result.update({f"{k}{suffix}": other[k] for k in metrics.SUMMARY})
+    confusion = np.stack([[per["tn"], per["fp"]], [per["fn"], per["tp"]]]).transpose(2, 0, 1)
+    return EvalResult(result, confusion, indices, labels, probs, chosen, per)
 
 
 # ---------------------------------------------------------------- the CLI
