@@ -6,19 +6,17 @@ import random
 import subprocess
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from sklearn import metrics as sk
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from conftest import FILLER, ROOT, build_tiny_model, env, python_m, run_train, torchrun, train_args, write_csv
-from test_resume import assert_bitwise_equal, kill_job, start, train_cmd, wait_for_checkpoints
-
 from bert_finetune import config, metrics, multilabel, reading
 from bert_finetune.errors import UserError
 from bert_finetune.inference import Predictor
+from conftest import FILLER, ROOT, build_tiny_model, env, python_m, run_train, torchrun, train_args, write_csv
+from test_resume import assert_bitwise_equal, kill_job, start, train_cmd, wait_for_checkpoints
 
 # each label is told by its own words; a text has any number of them, none included
 CUES = {"taste": ["good", "great"], "delivery": ["bad", "awful"], "price": ["boring", "dull"]}
@@ -44,6 +42,11 @@ def as_columns(rows) -> list:
 
 def indicator(rows) -> np.ndarray:
     return np.array([[n in r["labels"].split("|") for n in NAMES] for r in rows], dtype=int)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def ml_args(model, train_file, out, *extra):
@@ -84,14 +87,14 @@ def trained(setup):
 
 
 def test_learns_keywords_with_tuned_thresholds_and_writes_them(trained):
-    root, out, r, train, held, held_rows = trained
+    root, out, r, _, _, held_rows = trained
     assert r["best"]["micro_f1"] >= 0.9, [e["micro_f1"] for e in r["evaluations"]]
     assert any(not row["labels"] for row in held_rows)  # texts with no label are examples too
     # both the metrics at the chosen (tuned) thresholds and at 0.5, every evaluation
     assert all("micro_f1_at_0.5" in e and set(e["thresholds"]) == set(NAMES) for e in r["evaluations"])
-    saved = json.load(open(out / "best" / "bert_finetune.json"))
+    saved = read_json(out / "best" / "bert_finetune.json")
     assert saved["thresholds"] == r["best"]["thresholds"] and saved["task"] == "multi_label"
-    config_json = json.load(open(out / "best" / "config.json"))
+    config_json = read_json(out / "best" / "config.json")
     assert config_json["problem_type"] == "multi_label_classification"
     assert sorted(config_json["id2label"].values()) == NAMES
     # TensorBoard: per-label PR curves, F1 and thresholds, micro/macro F1 per evaluation
@@ -107,7 +110,7 @@ def test_learns_keywords_with_tuned_thresholds_and_writes_them(trained):
 
 
 def test_pipeline_predict_and_evaluate_use_the_saved_model_and_thresholds(trained):
-    root, out, r, train, held, held_rows = trained
+    root, out, r, _, held, held_rows = trained
     best = str(out / "best")
     texts = [row["review"] for row in held_rows]
     # transformers' pipeline reads the folder and applies a sigmoid per label: our probabilities
@@ -127,7 +130,7 @@ def test_pipeline_predict_and_evaluate_use_the_saved_model_and_thresholds(traine
     p = python_m("bert_finetune.evaluate", ["--model", best, "--data", held, "--output-dir", root / "ev"])
     assert p.returncode == 0, p.stderr[-2000:]
     assert "micro avg" in p.stdout and "samples avg" in p.stdout and "Hamming loss" in p.stdout
-    judged = json.load(open(root / "ev" / "eval_results.json"))
+    judged = read_json(root / "ev" / "eval_results.json")
     for key in ("micro_f1", "macro_f1", "samples_f1", "hamming_loss", "subset_accuracy"):
         assert judged["metrics"][key] == pytest.approx(r["best"][key], abs=1e-12), key
     assert os.path.getsize(root / "ev" / "confusion_per_label.png") > 1000
@@ -135,7 +138,7 @@ def test_pipeline_predict_and_evaluate_use_the_saved_model_and_thresholds(traine
 
 def test_two_processes_metrics_equal_sklearn_on_transformers_predictions(setup, tmp_path):
     """0/1 label columns, DDP on 2 processes, an odd held-out size, --metric-for-best micro_f1."""
-    root, model, train_rows, held_rows = setup
+    _, model, train_rows, held_rows = setup
     train = write_csv(tmp_path / "train.csv", as_columns(train_rows))
     held = write_csv(tmp_path / "held.csv", as_columns(held_rows))
     out = tmp_path / "ddp"
@@ -143,7 +146,7 @@ def test_two_processes_metrics_equal_sklearn_on_transformers_predictions(setup, 
                       "--eval-file", held, "--epochs", 2, "--metric-for-best", "micro_f1", "--class-weights", "balanced")
     p = torchrun(2, args)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    r = json.load(open(out / "results.json"))
+    r = read_json(out / "results.json")
     assert r["world_size"] == 2 and r["best_step"] == max(r["evaluations"], key=lambda e: e["micro_f1"])["step"]
     # --class-weights balanced: negatives / positives per label, from the training labels
     y_train = indicator(train_rows)
@@ -164,29 +167,28 @@ def test_two_processes_metrics_equal_sklearn_on_transformers_predictions(setup, 
 
 
 def test_sigkill_then_resume_is_bitwise_equal(setup, tmp_path):
-    root, model, train_rows, held_rows = setup
+    _, model, train_rows, _ = setup
     csv = write_csv(tmp_path / "train.csv", train_rows[:200])
 
     def args(out, *extra):
         return ml_args(model, csv, out, "--epochs", 2, "--save-steps", 3, "--seed", 11, "--eval-split", 0.25,
                        "--eval-steps", 10, *extra)
     straight = tmp_path / "straight"
-    p = subprocess.run(train_cmd(args(straight)), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    run_train(args(straight))  # in this process: the same one thread and the same numbers as a subprocess
     out = tmp_path / "broken"
     proc = start(train_cmd(args(out)))
     wait_for_checkpoints(proc, out, 3)
     kill_job(proc)
     assert not os.path.exists(out / "last"), "killed too late"
     p = subprocess.run(train_cmd(args(out, "--resume", "auto")), env=env(), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, check=False)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "resumed from" in p.stdout
     assert_bitwise_equal(straight, out)
-    a, b = (json.load(open(d / "results.json")) for d in (straight, out))
+    a, b = (read_json(d / "results.json") for d in (straight, out))
     assert a["evaluations"] == b["evaluations"]  # thresholds and metrics too
-    assert json.load(open(straight / "best" / "bert_finetune.json"))["thresholds"] == \
-        json.load(open(out / "best" / "bert_finetune.json"))["thresholds"]
+    assert read_json(straight / "best" / "bert_finetune.json")["thresholds"] == \
+        read_json(out / "best" / "bert_finetune.json")["thresholds"]
 
 
 # ---------------------------------------------------------------- no training
