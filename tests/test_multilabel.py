@@ -167,17 +167,18 @@ def test_two_processes_metrics_equal_sklearn_on_transformers_predictions(setup, 
 
 
 def test_sigkill_then_resume_is_bitwise_equal(setup, tmp_path):
+    """With gradient accumulation and head+tail truncation; the evaluations (thresholds included) match too."""
     _, model, train_rows, _ = setup
     csv = write_csv(tmp_path / "train.csv", train_rows[:200])
 
     def args(out, *extra):
-        return ml_args(model, csv, out, "--epochs", 2, "--save-steps", 3, "--seed", 11, "--eval-split", 0.25,
-                       "--eval-steps", 10, *extra)
+        return ml_args(model, csv, out, "--epochs", 3, "--save-steps", 2, "--seed", 11, "--eval-split", 0.25,
+                       "--grad-accum", 2, "--truncation", "head_tail", *extra)
     straight = tmp_path / "straight"
     run_train(args(straight))  # in this process: the same one thread and the same numbers as a subprocess
     out = tmp_path / "broken"
     proc = start(train_cmd(args(out)))
-    wait_for_checkpoints(proc, out, 3)
+    wait_for_checkpoints(proc, out, 2)
     kill_job(proc)
     assert not os.path.exists(out / "last"), "killed too late"
     p = subprocess.run(train_cmd(args(out, "--resume", "auto")), env=env(), cwd=ROOT, capture_output=True, text=True,
@@ -207,6 +208,7 @@ def test_metrics_from_summed_shards_equal_sklearn():
             assert m[f"{avg}_{name}"] == pytest.approx(fn(y, pred, average=avg, zero_division=0), abs=1e-12)
     assert m["hamming_loss"] == pytest.approx(sk.hamming_loss(y, pred))
     assert m["subset_accuracy"] == m["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
+    assert metrics.better("hamming_loss", 0.1, 0.2) and not metrics.better("hamming_loss", 0.2, 0.1)
     np.testing.assert_array_equal(np.stack([[per["tn"], per["fp"]], [per["fn"], per["tp"]]]).transpose(2, 0, 1),
                                   sk.multilabel_confusion_matrix(y, pred))
 
