@@ -13,17 +13,18 @@ import random
 import sys
 
 TOPICS = {
-    "taste": ["the noodles were bland", "the curry was delicious", "the soup tasted of nothing", "the chicken was "
-              "juicy and well seasoned", "the rice was undercooked", "the dumplings were the best I have had",
-              "the sauce was far too salty", "the flavours were spot on"],
-    "delivery": ["the courier was forty minutes late", "it arrived in under twenty minutes", "the driver could not "
-                 "find the building", "delivery was quick", "the order came an hour after the promised time",
-                 "the rider called when he was at the door", "it took ages to arrive", "it was delivered early"],
+    "taste": ["the noodles were bland", "the curry was delicious", "the soup tasted of nothing",
+              "the chicken was juicy and well seasoned", "the rice was undercooked",
+              "the dumplings were the best I have had", "the sauce was far too salty", "the flavours were spot on"],
+    "delivery": ["the courier was forty minutes late", "it arrived in under twenty minutes",
+                 "the driver could not find the building", "delivery was quick",
+                 "the order came an hour after the promised time", "the rider called when he was at the door",
+                 "it took ages to arrive", "it was delivered early"],
     "price": ["far too expensive for the portion", "great value for money", "the prices went up again",
               "cheap and filling", "I paid twice what the shop charges", "the discount made it a bargain",
               "overpriced for what you get", "a fair price"],
-    "packaging": ["the box was soaked through", "the lid had come off and the bag was a mess", "everything was "
-                  "sealed tightly", "the container leaked on the way", "the packaging kept it hot",
+    "packaging": ["the box was soaked through", "the lid had come off and the bag was a mess",
+                  "everything was sealed tightly", "the container leaked on the way", "the packaging kept it hot",
                   "the bag was torn", "nice sturdy boxes", "the drink spilled inside the bag"],
 }
 NEUTRAL = ["I ordered on a Tuesday evening.", "We were four at home.", "It was my first order from them.",
