@@ -28,6 +28,14 @@ class Config:
     eval_file: str = trajectory("")  # when given, the held-out set; no split is made
     text_column: str = trajectory("review")
     label_column: str = trajectory("label")
+    # single_label: one class per text (softmax); multi_label: any set of labels per text, none included (sigmoid),
+    # from --label-column split on --label-sep, or from --label-columns of 0/1 cells
+    task: str = trajectory("single_label")
+    label_sep: str = trajectory("|")
+    label_columns: str = trajectory("")  # comma-separated 0/1 columns, one per label (multi_label)
+    # multi_label: "tuned" = per-label thresholds that maximise each label's F1 on the held-out set, or one number
+    # in (0, 1) for every label
+    threshold: str = trajectory("tuned")
     eval_split: float = trajectory(0.2)
     limit: int = trajectory(0)  # use only the first N rows of each file (0 = all)
     max_length: int = trajectory(128)
@@ -88,8 +96,14 @@ CHOICES = {
         "accuracy", "loss",
         "weighted_precision", "weighted_recall", "weighted_f1",
         "macro_precision", "macro_recall", "macro_f1",
+        # multi_label only ("accuracy" there is the subset accuracy, as scikit-learn's accuracy_score)
+        "micro_precision", "micro_recall", "micro_f1", "samples_precision", "samples_recall", "samples_f1",
+        "subset_accuracy", "hamming_loss",
     ),
+    "task": ("single_label", "multi_label"),
 }
+MULTI_LABEL_ONLY = ("micro_precision", "micro_recall", "micro_f1", "samples_precision", "samples_recall",
+                    "samples_f1", "subset_accuracy", "hamming_loss")
 POSITIVE = ("batch_size", "eval_batch_size", "grad_accum", "max_length", "epochs", "log_steps", "dist_timeout")
 NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_steps", "limit", "save_steps", "save_total_limit", "head_tokens",
                 "eval_steps", "early_stopping_patience")
@@ -137,9 +151,48 @@ def validate(cfg: Config) -> Config:
                         f"--truncation head (the longer text is cut first) is supported")
     if cfg.encoding:
         text_encoding(cfg.encoding)
+    _validate_task(cfg)
     if cfg.text_pair_column and cfg.text_pair_column in (cfg.text_column, cfg.label_column):
         raise UserError(f"--text-pair-column {cfg.text_pair_column} must differ from --text-column and --label-column")
     return cfg
+
+
+def label_column_names(cfg: Config) -> list:
+    """--label-columns as a list of names ([] when not given)."""
+    return [c.strip() for c in cfg.label_columns.split(",") if c.strip()]
+
+
+def threshold_value(text: str) -> float | None:
+    """--threshold: None for "tuned", else the number, which must lie in (0, 1)."""
+    if text == "tuned":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise UserError(f"--threshold must be tuned or a number between 0 and 1 (exclusive), got {text!r}")
+    return value
+
+
+def _validate_task(cfg: Config):
+    if cfg.task == "single_label":
+        if cfg.label_columns:
+            raise UserError("--label-columns needs --task multi_label")
+        if cfg.metric_for_best in MULTI_LABEL_ONLY:
+            raise UserError(f"--metric-for-best {cfg.metric_for_best} needs --task multi_label")
+        return
+    threshold_value(cfg.threshold)
+    if not cfg.label_sep:
+        raise UserError("--label-sep must not be empty")
+    names = label_column_names(cfg)
+    if cfg.label_columns and len(names) < 2:
+        raise UserError(f"--label-columns {cfg.label_columns!r}: name at least two 0/1 columns, separated by commas")
+    if len(set(names)) != len(names):
+        raise UserError(f"--label-columns {cfg.label_columns!r}: a column is named twice")
+    for column in (cfg.text_column, cfg.text_pair_column):
+        if column and column in names:
+            raise UserError(f"--label-columns: '{column}' is also the text column")
 
 
 def _coerce(key: str, value, typ, where: str):

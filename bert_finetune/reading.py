@@ -414,9 +414,14 @@ def row_unit(table: pd.DataFrame) -> str:
 
 
 def read_table(path: str, text_column: str, label_column: str | None, limit: int = 0,
-               strict: bool = False, pair_column: str | None = None, encoding: str = "") -> pd.DataFrame:
+               strict: bool = False, pair_column: str | None = None, encoding: str = "",
+               label_sep: str | None = None, label_columns: list | None = None) -> pd.DataFrame:
     """Read a data file (load_table()) into columns text, pair (if pair_column), label (if label_column) and row
     (its line in the file, or record number for JSON and Parquet: row_unit() says which).
+
+    Multi-label: with label_sep, label is the tuple of the label column's labels split on it (an empty cell is
+    the empty tuple, a text with no label); with label_columns (0/1 columns, label_column None), the tuple of
+    those columns that hold 1.
 
     Every problem becomes one UserError naming the file, and the column or line where it is.
     """
@@ -424,14 +429,15 @@ def read_table(path: str, text_column: str, label_column: str | None, limit: int
         raise UserError(f"{path}: no such file")
     if os.path.isdir(path):
         raise UserError(f"{path}: is a folder, not a data file")
-    wanted = [c for c in (text_column, label_column, pair_column) if c is not None]
+    wanted = [c for c in (text_column, label_column, pair_column, *(label_columns or ())) if c is not None]
     loaded = load_table(path, f"'{label_column},{text_column}'", limit, encoding, wanted)
     df, unit = loaded.frame, loaded.unit
     if len(df) == 0 and loaded.format not in ("csv", "tsv"):
         raise UserError(f"{path}: holds no records")
     columns = loaded.columns
-    for column, what in ((text_column, "--text-column"), (label_column, "--label-column"),
-                         (pair_column, "--text-pair-column")):
+    needed = [(text_column, "--text-column"), (label_column, "--label-column"), (pair_column, "--text-pair-column")]
+    needed += [(column, "--label-columns") for column in label_columns or ()]
+    for column, what in needed:
         if column is not None and column not in columns:
             fields = "columns" if loaded.format in ("csv", "tsv", "parquet") else "fields"
             raise UserError(f"{path}: no column '{column}' ({what}); the {fields} are: {', '.join(columns)}")
@@ -444,7 +450,12 @@ def read_table(path: str, text_column: str, label_column: str | None, limit: int
     if pair_column is not None:
         blank |= out["pair"].str.strip() == ""
     problems = [(blank, f"empty text in column {'/'.join(repr(c) for c in (text_column, pair_column) if c)}")]
-    if label_column is not None:
+    if label_columns:
+        out["label"] = _indicator_label_sets(df, label_columns, loaded.rows, path, unit)
+    elif label_column is not None and label_sep is not None:
+        out["label"] = [tuple(dict.fromkeys(p.strip() for p in cell.split(label_sep) if p.strip()))
+                        if cell.strip().lower() not in MISSING_LABELS else () for cell in df[label_column]]
+    elif label_column is not None:
         out["label"] = canonical_labels(df[label_column].str.strip())
         problems.append((out["label"].str.lower().isin(MISSING_LABELS),
                          f"no label (empty, NA, null, ...) in column '{label_column}'"))
@@ -464,6 +475,19 @@ def read_table(path: str, text_column: str, label_column: str | None, limit: int
             raise UserError(f"{path}: no rows left after skipping the empty ones")
     out.attrs["row_unit"] = unit
     return out
+
+
+def _indicator_label_sets(df: pd.DataFrame, columns: list, rows, path: str, unit: str) -> list:
+    """Per row, the tuple of `columns` whose cell is 1 (1, 1.0, true, yes); 0 (0, 0.0, false, no, empty) is not."""
+    on, off = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no"} | MISSING_LABELS
+    cells = pd.DataFrame({c: df[c].str.strip().str.lower() for c in columns})
+    for c in columns:
+        bad = ~cells[c].isin(on | off)
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserError(f"{path}: {unit} {rows[i]}, column '{c}' (--label-columns): {df[c].iloc[i]!r} is not 0 or 1")
+    hits = cells.isin(on).to_numpy()
+    return [tuple(c for c, hit in zip(columns, row) if hit) for row in hits]
 
 
 # label cells that mean "no label" (pandas' own missing-value markers), compared in lower case

@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from . import (checkpoint, config, data, distributed, inference, metrics, modeling, optim, precision, reporting, rng,
-               speedups, visuals)
-from . import PROCESS_START
+from . import (PROCESS_START, checkpoint, config, data, distributed, inference, metrics, modeling, multilabel, optim,
+               precision, reporting, rng, speedups, visuals)
 from .errors import UserError, WriteError, cli
 from .evaluate import evaluate
 from .sampling import LengthGroupedSampler, steps_per_epoch
@@ -167,6 +166,7 @@ class Trainer:
         wait, then they read it memory-mapped. Batches are padded to their own longest example."""
         cfg, dist, t0 = self.cfg, self.dist, time.perf_counter()
         self.labels = tables.labels
+        self.multi_label = self.labels.multi_label
         with distributed.node_leader_first(dist.local_rank == 0, enabled=bool(cfg.cache_dir)):
             self.train_set = data.encode_table(self.tokenizer, tables.train, self.labels, tables.train_source, cfg,
                                                keep_texts=False, progress=dist.is_main)
@@ -199,6 +199,11 @@ class Trainer:
         job.model_config.num_labels = len(self.labels)
         job.model_config.id2label = dict(enumerate(self.labels.names))
         job.model_config.label2id = dict(self.labels.ids)
+        # what transformers' pipeline reads to apply a sigmoid per label instead of a softmax
+        if self.multi_label:
+            job.model_config.problem_type = data.MULTI_LABEL_PROBLEM
+        elif getattr(job.model_config, "problem_type", None) == data.MULTI_LABEL_PROBLEM:
+            job.model_config.problem_type = None  # a multi-label model fine-tuned again as single-label
         self.raw_model = modeling.load_classifier(job.model_name, job.model_config, cfg.trust_remote_code)
         self.raw_model.to(self.device)
         if cfg.freeze_embeddings:
@@ -217,6 +222,9 @@ class Trainer:
         self.export_info = {"max_length": cfg.max_length, "text_column": cfg.text_column,
                             "label_column": cfg.label_column, "text_pair_column": cfg.text_pair_column,
                             "truncation": cfg.truncation, "head_tokens": data.resolve_head_tokens(cfg, self.tokenizer)}
+        if self.multi_label:  # how evaluate reads label sets from a file, as training did
+            self.export_info.update({"task": cfg.task, "label_sep": cfg.label_sep,
+                                     "label_columns": config.label_column_names(cfg) or None})
 
     def _build_optimizer(self):
         """AdamW over weight-decay groups, linear warmup and decay, the fp16 GradScaler, class weights."""
@@ -232,10 +240,16 @@ class Trainer:
         self.eval_autocast = precision.autocast(self.eval_precision, self.device)
         self.class_weights, self.loss_weights = None, None
         if cfg.class_weights == "balanced":
-            self.class_weights = data.balanced_class_weights(self.train_set.labels, len(self.labels))
+            if self.multi_label:  # BCE's pos_weight: negatives / positives per label
+                self.class_weights = multilabel.positive_weights(self.train_set.labels)
+            else:
+                self.class_weights = data.balanced_class_weights(self.train_set.labels, len(self.labels))
             self.loss_weights = torch.tensor(self.class_weights, dtype=torch.float32, device=self.device)
-            log.info("class weights (balanced): %s",
+            log.info("%s (balanced): %s", "positive weights" if self.multi_label else "class weights",
                      ", ".join(f"{n} {w:.4f}" for n, w in zip(self.labels.names, self.class_weights)))
+        # multi-label: "tuned", or one threshold for every label
+        fixed = config.threshold_value(cfg.threshold) if self.multi_label else None
+        self.thresholds = "tuned" if fixed is None else np.full(len(self.labels), fixed)
 
     def _restore(self, path: str) -> dict | None:
         """Weights (before DDP wraps the model), optimizer, schedule, scaler and state from a checkpoint;
@@ -279,7 +293,7 @@ class Trainer:
                         "at the next better evaluation", best_dir, on_disk, self.state.best_step)
             return
         self.raw_model.load_state_dict(checkpoint.load(source)[0])
-        checkpoint.export(self.raw_model, self.tokenizer, best_dir, {**self.export_info, "step": self.state.best_step})
+        checkpoint.export(self.raw_model, self.tokenizer, best_dir, self._export_extra(self.state.best))
         log.warning("%s was from step %s, after the checkpoint resumed from: exported again from step %d, the best "
                     "evaluation that checkpoint records", best_dir, on_disk, self.state.best_step)
 
@@ -373,8 +387,12 @@ class Trainer:
         with no_sync:
             with self.autocast():
                 logits = self.model(**batch).logits
-            # our own loss, not the model's: it takes the class weights
-            loss = F.cross_entropy(logits.float(), targets, weight=self.loss_weights) / group_size
+            # our own loss, not the model's: it takes the class weights (multi-label: per-label positive weights)
+            if self.multi_label:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=self.loss_weights)
+            else:
+                loss = F.cross_entropy(logits.float(), targets, weight=self.loss_weights)
+            loss = loss / group_size
             self.scaler.scale(loss).backward()
         self.loss_sum += loss.detach()
 
@@ -432,16 +450,25 @@ class Trainer:
     def _evaluate(self, epoch: int):
         """Score the held-out set; log it; export best/ when it improved; decide on early stopping."""
         cfg, state = self.cfg, self.state
-        result = evaluate(self.raw_model, self.held_out, len(self.labels), self.device, self.eval_autocast)
+        result = evaluate(self.raw_model, self.held_out, len(self.labels), self.device, self.eval_autocast,
+                          thresholds=self.thresholds, tuned_too=True)
         m = result.metrics
         record = {"epoch": epoch + 1, "step": state.step, **m}
+        if self.multi_label:  # plain floats: checkpoints load with weights_only=True
+            record["thresholds"] = {n: float(t) for n, t in zip(self.labels.names, result.thresholds)}
+            record["per_label"] = {n: {k: float(result.per_label[k][i]) for k in ("precision", "recall", "f1")}
+                                   | {"support": int(result.per_label["support"][i])}
+                                   for i, n in enumerate(self.labels.names)}
         state.evaluations.append(record)
         log.info("eval epoch %d step %d: %s", epoch + 1, state.step, " ".join(f"{k} {v:.4f}" for k, v in m.items()))
         self.writer.scalars(m, state.step, "eval/")
         # pictures on rank 0; each rank holds only its shard's predictions
         shares = distributed.gather((result.indices, result.labels, result.probs))
-        visuals.log_evaluation(self.writer, state.step, result.confusion, self.labels.names, shares,
-                               self.eval_set.texts)
+        if self.multi_label:
+            visuals.log_multi_label_evaluation(self.writer, state.step, result, self.labels.names, shares)
+        else:
+            visuals.log_evaluation(self.writer, state.step, result.confusion, self.labels.names, shares,
+                                   self.eval_set.texts)
         improved = metrics.better(cfg.metric_for_best, m[cfg.metric_for_best],
                                   state.best and state.best[cfg.metric_for_best])
         waited = 0 if improved else state.evals_without_improvement + 1
@@ -452,7 +479,7 @@ class Trainer:
             state.best, state.best_step = record, state.step
             if self.dist.is_main:
                 checkpoint.export(self.raw_model, self.tokenizer, os.path.join(cfg.output_dir, "best"),
-                                  {**self.export_info, "step": state.step})
+                                  self._export_extra(record))
         elif cfg.early_stopping_patience and waited >= cfg.early_stopping_patience:
             state.stopped = {
                 "step": state.step, "reason": "early_stopping",
@@ -484,6 +511,14 @@ class Trainer:
             log.info("saved checkpoint %s", path)
         distributed.barrier()
 
+    def _export_extra(self, record: dict | None, step: int | None = None) -> dict:
+        """bert_finetune.json of an exported folder: the settings, the step, and (multi-label) the thresholds
+        of the evaluation `record`, which predict and evaluate apply."""
+        extra = {**self.export_info, "step": step if step is not None else record["step"]}
+        if self.multi_label:
+            extra["thresholds"] = (record or {}).get("thresholds")
+        return extra
+
     def _sum_over_ranks(self, values: np.ndarray) -> np.ndarray:
         return distributed.all_reduce_sum(values, self.device)
 
@@ -507,9 +542,10 @@ class Trainer:
         peaks = distributed.gather(reporting.peak_rss_mb())
         if self.dist.is_main:
             checkpoint.export(self.raw_model, self.tokenizer, os.path.join(cfg.output_dir, "last"),
-                              {**self.export_info, "step": state.step})
+                              self._export_extra(state.final, state.step))
             checkpoint.write_json(os.path.join(cfg.output_dir, "results.json"), self._results(speed, peaks))
-            final_metrics = {k: v for k, v in (state.final or {}).items() if k not in ("epoch", "step")}
+            final_metrics = {k: v for k, v in (state.final or {}).items()
+                             if k not in ("epoch", "step") and isinstance(v, (int, float))}
             if state.best:
                 final_metrics[f"best_{cfg.metric_for_best}"] = state.best[cfg.metric_for_best]
             self.writer.hparams({**config.to_dict(cfg), "world_size": self.dist.world_size,
@@ -528,7 +564,10 @@ class Trainer:
             "best_step": state.best_step, "steps": state.step, "world_size": self.dist.world_size,
             "precision": self.precision, "eval_precision": self.eval_precision, "labels": self.labels.names,
             "stopped": state.stopped,
-            "class_weights": dict(zip(self.labels.names, weights.tolist())) if weights is not None else None,
+            "class_weights": dict(zip(self.labels.names, weights.tolist())) if weights is not None and not
+            self.multi_label else None,
+            **({"task": "multi_label", "pos_weights": dict(zip(self.labels.names, weights.tolist()))
+                if weights is not None else None} if self.multi_label else {}),
             "speedups": self.speedups,
             "skipped_steps": state.skipped_steps,  # fp16: steps the GradScaler skipped
             "train_seconds": self.meter.totals["seconds"],  # the training steps alone

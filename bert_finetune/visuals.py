@@ -370,3 +370,79 @@ def log_evaluation(writer, step: int, cm: np.ndarray, names, shares, texts, k: i
     for c, name in enumerate(names):
         writer.pr_curve(f"eval_pr/{name}", labels == c, probs[:, c], step)
     writer.text("eval/misclassified", misclassified_markdown(texts, indices, labels, probs, names, k), step)
+
+
+# ---------------------------------------------------------------- multi-label
+
+def multi_label_confusion_figure(mcm: np.ndarray, names, title: str = ""):
+    """One small 2x2 matrix per label ([[tn, fp], [fn, tp]]: rows true no/yes, columns predicted no/yes), cells
+    coloured by the share of their true row, four to a row of the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    mcm = np.asarray(mcm, dtype=np.int64)
+    names = [str(n) for n in names]
+    by_id = not names_drawable(names)
+    if by_id:
+        _warn_once(names, label_fonts(names).missing)
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(2.6 * cols, 2.6 * rows + (0.4 if title else 0.0)), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (name, cm) in enumerate(zip(names, mcm)):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        totals = cm.sum(axis=1, keepdims=True)
+        share = np.divide(cm, totals, out=np.zeros(cm.shape, dtype=np.float64), where=totals != 0)
+        ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+        for r in range(2):
+            for c in range(2):
+                ax.text(c, r, f"{cm[r, c]}\n{share[r, c]:.0%}", ha="center", va="center", fontsize=9,
+                        color="white" if share[r, c] > 0.5 else "black")
+        ax.set_xticks([0, 1], labels=["no", "yes"], fontsize=8)
+        ax.set_yticks([0, 1], labels=["no", "yes"], fontsize=8)
+        ax.set_title(str(i) if by_id else _cut(_shown(name), 24), fontsize=10)
+        if i % cols == 0:
+            ax.set_ylabel("true", fontsize=8)
+        if i >= len(names) - cols:
+            ax.set_xlabel("predicted", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _render_multi_label(mcm, names, title, render):
+    import matplotlib
+    with matplotlib.rc_context({"font.family": list(label_fonts([str(n) for n in names] + [title]).families)}):
+        return render(multi_label_confusion_figure(mcm, names, title))
+
+
+def multi_label_confusion_image(mcm: np.ndarray, names, title: str = "") -> np.ndarray:
+    def render(fig):
+        fig.canvas.draw()
+        return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    return _render_multi_label(mcm, names, title, render)
+
+
+def save_multi_label_confusion_png(mcm: np.ndarray, names, path: str, title: str = "") -> bool:
+    """The per-label matrices as a PNG at path; returns whether the names are shown (False: by id)."""
+    def render(fig):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue())
+    _render_multi_label(mcm, names, title, render)
+    return names_drawable(names)
+
+
+def log_multi_label_evaluation(writer, step: int, result, names, shares):
+    """Per label: PR curve, F1 and threshold; the per-label confusion image (micro/macro F1 are eval/ scalars)."""
+    if not writer.enabled:
+        return
+    labels = np.concatenate([s[1] for s in shares])
+    probs = np.concatenate([s[2] for s in shares])
+    writer.image("eval/confusion_per_label", multi_label_confusion_image(result.confusion, names, f"step {step}"),
+                 step)
+    for i, name in enumerate(names):
+        writer.pr_curve(f"eval_pr/{name}", labels[:, i] == 1, probs[:, i], step)
+    writer.scalars({name: float(result.per_label["f1"][i]) for i, name in enumerate(names)}, step, "eval_label_f1/")
+    writer.scalars({name: float(t) for name, t in zip(names, result.thresholds)}, step, "eval_threshold/")

@@ -20,7 +20,8 @@ FILLER = ("the a movie film plot actor scene story music city night day house ro
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def build_tiny_model(path: str, num_labels: int = 2, max_positions: int = 64, seed: int = 0):
+def build_tiny_model(path: str, num_labels: int = 2, max_positions: int = 64, seed: int = 0, hidden: int = 32,
+                     heads: int = 2):
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
     os.makedirs(path, exist_ok=True)
@@ -29,8 +30,8 @@ def build_tiny_model(path: str, num_labels: int = 2, max_positions: int = 64, se
         f.write("\n".join(SPECIAL + POSITIVE + NEGATIVE + FILLER + ["pos", "neg", "neu"]) + "\n")
     BertTokenizer(vocab=vocab).save_pretrained(path)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(SPECIAL + POSITIVE + NEGATIVE + FILLER) + 3, hidden_size=32,
-                        num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    config = BertConfig(vocab_size=len(SPECIAL + POSITIVE + NEGATIVE + FILLER) + 3, hidden_size=hidden,
+                        num_hidden_layers=2, num_attention_heads=heads, intermediate_size=2 * hidden,
                         max_position_embeddings=max_positions, num_labels=num_labels)
     BertForSequenceClassification(config).save_pretrained(path)
     return path
