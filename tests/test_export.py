@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import run_train, synthetic_rows, train_args, write_csv
 from test_recipes import pair_rows
 
