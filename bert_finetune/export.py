@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import checkpoint, reading, reporting, runtime
+from . import checkpoint, modeling, reading, reporting, runtime
 from .errors import ArgumentParser, UserError, cli
 from .inference import DEFAULT_LABEL_COLUMN, DEFAULT_TEXT_COLUMN, Predictor
 
@@ -58,7 +58,8 @@ def graph_inputs(predictor: Predictor) -> list:
 def write_onnx(predictor: Predictor, path: str):
     """torch.export (the exporter torch recommends; it needs onnxscript) with dynamic batch and sequence."""
     inputs = graph_inputs(predictor)
-    limit = predictor.max_length
+    # up to the position limit, not the saved max length: predict --max-length may go that far
+    limit = modeling.max_positions(predictor.config) or predictor.max_length
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max(limit, 3))
     # the example's sizes must differ from each other and from 1, or the exporter takes them for constants
     ids = torch.randint(len(predictor.tokenizer) // 2, len(predictor.tokenizer) - 1, (2, 3))

@@ -10,7 +10,8 @@ default seed held out) and --imdb long IMDB reviews from the same package (balan
 fresh process with every core (--threads), loads, scores 16 texts to warm up, then is timed on each set in
 process: texts/s count tokenizing, batching and scoring, not start-up. Every way truncates at the model's max
 length (the pipeline with truncation=True, max_length=...). Also: held-out accuracy, the share of labels equal to
-ours in torch fp32, the model's size on disk and the process's peak resident memory (ru_maxrss).
+ours in torch fp32, the model's size on disk, the process's peak resident memory (ru_maxrss), and the 1-minute load
+average at the row's end (on a shared machine, rows run while other work competes for the cores are slower).
 """
 import argparse
 import importlib.util
@@ -88,6 +89,7 @@ def score_way(way: str, model: str, paths: dict, threads: int) -> dict:
         out[name] = {"texts_per_s": len(texts) / seconds, "seconds": seconds, "predictions": predicted,
                      "accuracy": float((pd.Series(predicted) == table["label"]).mean())}
     out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["load"] = os.getloadavg()[0]  # a shared machine's other work, over the last minute of this row
     return out
 
 
@@ -135,7 +137,8 @@ def table(model: str, imdb: int = 500, seed: int = 42, threads: int = 0, work: s
         results[way] = run_way(way, folders[way], paths, threads, work)
     rows = []
     for way in ways:
-        row = {"way": WAYS[way], "model_mb": model_mb(folders[way]), "peak_mb": results[way]["peak_mb"]}
+        row = {"way": WAYS[way], "model_mb": model_mb(folders[way]), "peak_mb": results[way]["peak_mb"],
+               "load": results[way]["load"]}
         for name in paths:
             r = results[way][name]
             best_pipeline = max(results[w][name]["texts_per_s"] for w in ("pipeline-1", "pipeline-32"))
@@ -155,14 +158,14 @@ def markdown(result: dict) -> str:
     header = ["way"]
     for n in names:
         header += [f"{titles[n]} texts/s", "vs pipeline best", f"{titles[n]} acc", "labels = fp32"]
-    header += ["model MB", "size vs fp32", "peak RSS MB"]
+    header += ["model MB", "size vs fp32", "peak RSS MB", "load avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result["rows"]:
         cells = [row["way"]]
         for n in names:
             cells += [f"{row[f'{n}_texts_per_s']:.1f}", f"{row[f'{n}_vs_pipeline']:.2f}x",
                       f"{row[f'{n}_accuracy']:.4f}", f"{row[f'{n}_same_as_fp32']:.2%}"]
-        cells += [f"{row['model_mb']:.1f}", f"{row['size_vs_fp32']:.2f}x", f"{row['peak_mb']:.0f}"]
+        cells += [f"{row['model_mb']:.1f}", f"{row['size_vs_fp32']:.2f}x", f"{row['peak_mb']:.0f}", f"{row['load']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
