@@ -123,6 +123,10 @@ def test_pairs_export_in_fp32_and_int8(pairs, tmp_path, capsys):
     expected = torch_side.probabilities(texts, pairs=second)
     fp32 = Predictor(str(tmp_path / "fp32"))
     np.testing.assert_allclose(fp32.probabilities(texts, pairs=second), expected, atol=export.FP32_TOLERANCE)
+    # past the max length it was trained and exported with (32), up to the position limit (64)
+    longer = [Predictor(str(folder), device=CPU, max_length=64).probabilities(texts[-5:], pairs=second[-5:])
+              for folder in (best, tmp_path / "fp32")]
+    np.testing.assert_allclose(longer[1], longer[0], atol=export.FP32_TOLERANCE)
     int8 = Predictor(str(tmp_path / "int8"))
     assert int8.precision == "int8"
     got = int8.probabilities(texts, pairs=second)
