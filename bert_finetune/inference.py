@@ -92,6 +92,10 @@ class Predictor:
                                 f"python -m bert_finetune.export --model {model_dir} --output-dir DIR")
             self.session = runtime.OnnxSession(path, threads)
         else:
+            if runtime.holds_onnx(path) and not any(f.startswith(("model.safetensors", "pytorch_model"))
+                                                    for f in os.listdir(path)):
+                raise UserError(f"--backend torch: {model_dir} is an ONNX export, without torch weights; use "
+                                f"--backend onnx (the default for it)")
             self.model = modeling.load_classifier(path, config, trust_remote_code).eval()
         self.labels = data.LabelMap.from_config(config)
         # multi-label models score each label on its own (sigmoid); single-label ones share 1 (softmax)

@@ -150,6 +150,9 @@ def test_pairs_export_in_fp32_and_int8(pairs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict.main(["--model", str(best), "--backend", "onnx", "--text", "x", "--text-pair", "y"])
     assert "holds no model.onnx" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict.main(["--model", str(tmp_path / "fp32"), "--backend", "torch", "--text", "x", "--text-pair", "y"])
+    assert "is an ONNX export, without torch weights" in capsys.readouterr().err
 
 
 def test_missing_export_extra_is_one_line(tmp_path, capsys, monkeypatch):
