@@ -243,7 +243,8 @@ def main(argv=None):
 
     # -- everything that can be wrong with the input is found before the process group forms
     trained = inference.Predictor(args.model, device=torch.device("cpu"), max_length=args.max_length,
-                                  trust_remote_code=args.trust_remote_code, precision=args.precision)
+                                  trust_remote_code=args.trust_remote_code, precision=args.precision,
+                                  backend="torch")  # evaluate() runs the torch model itself, under DDP too
     text_column = args.text_column or trained.saved.get("text_column") or inference.DEFAULT_TEXT_COLUMN
     label_column = args.label_column or trained.saved.get("label_column") or inference.DEFAULT_LABEL_COLUMN
     pair_column = args.text_pair_column or trained.pair_column

@@ -2,7 +2,11 @@
 batches. Train-time evaluation, the evaluate CLI and the predict CLI all go through here.
 
     from bert_finetune import Predictor
-    Predictor("outputs/best").probabilities(["a gorgeous, witty, seductive movie."])
+    Predictor("outputs/best").predict(["a gorgeous, witty, seductive movie."])
+    # [{'label': 'positive', 'probability': 0.98..., 'probabilities': {'negative': 0.01..., 'positive': 0.98...}}]
+
+The model runs on a backend: torch (the saved safetensors weights), or ONNX Runtime over an exported folder's
+model.onnx (runtime.py; see export.py). Both score the same tokenized, length-sorted, padded batches.
 """
 import json
 import os
@@ -12,13 +16,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import data, modeling, precision, reporting
+from . import data, modeling, precision, reporting, runtime
 from .errors import UserError
 from .sampling import eval_shard
 
 DEFAULT_TEXT_COLUMN = "review"
 DEFAULT_LABEL_COLUMN = "label"
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+BACKENDS = ("auto", "torch", "onnx")
 
 
 def saved_settings(path: str) -> dict:
@@ -79,15 +84,36 @@ class Predictor:
     score texts."""
 
     def __init__(self, model_dir: str, device: torch.device | None = None, max_length: int | None = None,
-                 trust_remote_code: bool = False, precision: str = "auto"):
-        path = modeling.resolve(model_dir)
+                 trust_remote_code: bool = False, precision: str = "auto", backend: str = "auto",
+                 threads: int | None = None):
+        """backend: torch, onnx (an exported folder's model.onnx on ONNX Runtime's CPU provider), or auto: onnx
+        when the folder holds model.onnx. threads: CPU threads to score with (None: leave torch's setting)."""
+        self.path = path = modeling.resolve(model_dir)
+        if backend not in BACKENDS:
+            raise UserError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
+        self.backend = ("onnx" if runtime.holds_onnx(path) else "torch") if backend == "auto" else backend
+        if threads:
+            torch.set_num_threads(threads)
         self.tokenizer = modeling.load_tokenizer(path, trust_remote_code)
-        config = modeling.load_config(path, trust_remote_code)
-        self.model = modeling.load_classifier(path, config, trust_remote_code).eval()
-        self.labels = data.LabelMap.from_config(self.model.config)
+        self.config = config = modeling.load_config(path, trust_remote_code)
+        self.model, self.session = None, None
+        if self.backend == "onnx":
+            if not runtime.holds_onnx(path):
+                raise UserError(f"--backend onnx: {model_dir} holds no {runtime.ONNX_FILE}; make one with "
+                                f"python -m bert_finetune.export --model {model_dir} --output-dir DIR")
+            self.session = runtime.OnnxSession(path, threads)
+        else:
+            if runtime.holds_onnx(path) and not any(f.startswith(("model.safetensors", "pytorch_model"))
+                                                    for f in os.listdir(path)):
+                raise UserError(f"--backend torch: {model_dir} is an ONNX export, without torch weights; use "
+                                f"--backend onnx (the default for it)")
+            self.model = modeling.load_classifier(path, config, trust_remote_code).eval()
+        self.labels = data.LabelMap.from_config(config)
+        # multi-label models score each label on its own (sigmoid); single-label ones share 1 (softmax)
+        self.multi_label = self.labels.multi_label
         self.saved = saved_settings(path)
         # multi-label: a label is predicted where its probability reaches its threshold
-        self.thresholds = saved_thresholds(self.saved, self.labels.names) if self.labels.multi_label else None
+        self.thresholds = saved_thresholds(self.saved, self.labels.names) if self.multi_label else None
         if max_length:
             modeling.check_max_length(max_length, config)
         self.max_length = max_length or self.saved.get("max_length") or min(modeling.max_positions(config) or 512, 512)
@@ -96,11 +122,21 @@ class Predictor:
         self.head_tokens = self.saved.get("head_tokens") or 0
         self.pair_column = self.saved.get("text_pair_column") or None
         self.requested_precision = precision
-        self.to(device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.to(device or torch.device("cuda" if torch.cuda.is_available() and self.model is not None else "cpu"))
 
     def to(self, device: torch.device) -> "Predictor":
         """Move to `device`, and score there as training's evaluation does: --precision auto (bf16 or fp16
-        autocast on CUDA, fp32 on CPU) and TF32 matmuls on CUDA."""
+        autocast on CUDA, fp32 on CPU) and TF32 matmuls on CUDA. An ONNX model runs on the CPU in the numbers
+        it was exported in (fp32, or int8 weights)."""
+        if self.session is not None:
+            if device.type != "cpu":
+                raise UserError(f"--device {device}: --backend onnx runs on the CPU; use --backend torch for {device}")
+            if self.requested_precision not in ("auto", "fp32"):
+                raise UserError(f"--precision {self.requested_precision} is for --backend torch; an ONNX model "
+                                f"computes in what it was exported in")
+            self.device, self.autocast = device, nullcontext
+            self.precision = (self.saved.get("export") or {}).get("quantize") or "fp32"
+            return self
         self.device = device
         self.model.to(device)
         self.precision = precision.resolve(self.requested_precision, device, scoring=True)
@@ -126,18 +162,53 @@ class Predictor:
             out[full] = np.asarray(lengths) > self.max_length
         return out
 
+    def logits(self, loader):
+        """(batch, float32 logits) for every batch of `loader`, from the backend in use."""
+        if self.session is not None:
+            return self.session.logits(loader)
+        return logits(self.model, loader, self.device, self.autocast)
+
     def scores(self, ids, batch_size: int = 64, progress: bool = False, types=None) -> np.ndarray:
-        """Probabilities [examples, labels] for token ids, in their order (multi-label: each label's own)."""
+        """Probabilities [examples, labels] for token ids, in their order: softmax over the labels, or each
+        label's sigmoid for a multi-label model."""
         dataset = data.EncodedDataset(ids, np.zeros(len(ids), dtype=np.int64), token_type_ids=types)
-        loader = length_sorted_loader(dataset, batch_size, collator(self.tokenizer, self.device, self.model.config),
+        loader = length_sorted_loader(dataset, batch_size, collator(self.tokenizer, self.device, self.config),
                                       self.device)
         out = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
         with reporting.progress(len(ids), 0, progress, unit="text") as bar:
-            for batch, batch_logits in logits(self.model, loader, self.device, self.autocast):
-                out[batch["index"].numpy()] = to_probabilities(batch_logits, self.labels.multi_label).cpu().numpy()
+            for batch, batch_logits in self.logits(loader):
+                out[batch["index"].numpy()] = to_probabilities(batch_logits, self.multi_label).cpu().numpy()
                 bar.update(len(batch["index"]))
         return out
 
     def probabilities(self, texts, batch_size: int = 64, progress: bool = False, pairs=None) -> np.ndarray:
         ids, types = self.tokenize(texts, pairs)
         return self.scores(ids, batch_size, progress, types)
+
+    def predict(self, texts, pairs=None, batch_size: int = 64) -> list:
+        """One dict per text, in order: {"label", "probability", "probabilities": {label: probability}}; a
+        multi-label model gives "labels" (those at or over the thresholds saved with it) instead of "label" and
+        "probability". An
+        empty text (or pair) gets None for each, as the predict CLI leaves its row empty."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if pairs is not None:
+            pairs = [pairs] if isinstance(pairs, str) else list(pairs)
+            if len(pairs) != len(texts):
+                raise UserError(f"{len(texts)} texts but {len(pairs)} pairs: give one pair per text")
+        filled = [i for i, t in enumerate(texts) if t.strip() and (pairs is None or pairs[i].strip())]
+        probs = np.full((len(texts), len(self.labels)), np.nan, dtype=np.float32)
+        if filled:
+            probs[filled] = self.probabilities([texts[i] for i in filled], batch_size,
+                                               pairs=[pairs[i] for i in filled] if pairs is not None else None)
+        out = []
+        for p in probs:
+            every = None if np.isnan(p).any() else {name: float(v) for name, v in zip(self.labels.names, p)}
+            if self.multi_label:
+                chosen = None if every is None else [n for n, hit in zip(self.labels.names,
+                                                                         p >= self.thresholds) if hit]
+                out.append({"labels": chosen, "probabilities": every})
+            else:
+                best = None if every is None else int(p.argmax())
+                out.append({"label": None if every is None else self.labels.names[best],
+                            "probability": None if every is None else float(p[best]), "probabilities": every})
+        return out

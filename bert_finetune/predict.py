@@ -12,6 +12,10 @@ LABEL<tab>PROBABILITY<tab>TEXT (<tab>PAIR); --output writes CSV or JSON Lines by
 (- = JSON Lines on standard output) with the input's own fields followed by prediction, probability
 and the probability of every label. Output rows follow input rows one to one: an empty example gets
 an empty prediction.
+
+--backend onnx scores with ONNX Runtime on a folder that bert_finetune.export wrote (chosen by itself when
+--model holds model.onnx); inputs, outputs and errors are the same whichever backend. --threads: CPU threads
+(default: every core this process may use, or OMP_NUM_THREADS when set).
 """
 import itertools
 import json
@@ -24,10 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import metrics, modeling, reading, reporting
+from . import metrics, modeling, reading, reporting, runtime
 from .config import CHOICES, text_encoding
 from .errors import ArgumentParser, UserError, cli
-from .inference import DEFAULT_TEXT_COLUMN, Predictor, saved_settings
+from .inference import BACKENDS, DEFAULT_TEXT_COLUMN, Predictor, saved_settings
 
 log = logging.getLogger("bert_finetune")
 
@@ -290,8 +294,15 @@ def parse_args(argv):
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
     parser.add_argument("--precision", choices=CHOICES["precision"], default="auto",
                         help="auto (default): bf16 or fp16 autocast on CUDA as in training, fp32 on CPU")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="torch, or onnx (ONNX Runtime on an exported folder); auto (default): onnx when "
+                             "--model holds model.onnx")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads (default: every core this process may use, or OMP_NUM_THREADS)")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        raise UserError(f"--threads must be positive, got {args.threads}")
     for flag, value in (("--batch-size", args.batch_size), ("--chunk-size", args.chunk_size)):
         if value < 1:
             raise UserError(f"{flag} must be positive, got {value}")
@@ -307,6 +318,9 @@ def parse_args(argv):
         raise UserError(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)") from None
     if args.device is not None and args.device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA GPU is available")
+    if args.backend == "onnx":  # before the input is read: a missing extra is the first thing to say
+        runtime.require("onnxruntime", what="--backend onnx")
+    args.threads = args.threads or runtime.default_threads()
     return args
 
 
@@ -376,7 +390,8 @@ def main(argv=None):
         chunks = iter_inputs(args.input, text_column, pair_column, args.encoding, args.chunk_size)
     first = next(chunks, None)
     predictor = Predictor(args.model, device=args.device, max_length=args.max_length,
-                          trust_remote_code=args.trust_remote_code, precision=args.precision)
+                          trust_remote_code=args.trust_remote_code, precision=args.precision,
+                          backend=args.backend, threads=args.threads)
     output = Output(args.output, predictor.labels.names, predictor.thresholds,
                     predictor.saved.get("label_sep") or "|")
     empty, cut, what = Flagged(), Flagged(), "--text" if args.text is not None else None

@@ -40,6 +40,11 @@ runs that table alone.
 (load, tokenize, 2 epochs, evaluate and save each epoch): ours (the embedded default job) vs the seed
 recipe on the HF Trainer (eval/save each epoch, keep 2, load the best at the end and save it with its
 tokenizer, dynamic padding), with its defaults and with group_by_length. `--only ''` skips table one.
+
+--predict adds the serving table (scripts/serving_bench.py): a trained model (--predict-model, the embedded
+default job's best/) scored on the held-out split and 500 IMDB reviews by transformers.pipeline (batch 1 and 32)
+and by ours on torch fp32, torch bf16 (where the CPU has bf16 units), ONNX fp32 and ONNX int8: texts/s, accuracy,
+labels equal to fp32, model size and peak memory. Needs the export extra (pip install -e ".[export]").
 """
 import argparse
 import importlib.util
@@ -402,6 +407,8 @@ def parse_args(argv=None):
                    help="add the data-at-scale table: set-up with N training rows (scripts/scale.py)")
     p.add_argument("--train-file", default="", help="--scale: repeat this label,review file's rows, not the "
                                                      "embedded sentences")
+    p.add_argument("--predict", action="store_true", help="add the serving table (scripts/serving_bench.py)")
+    p.add_argument("--predict-model", default="outputs/best", help="--predict: the embedded default job's best/")
     p.add_argument("--output", default="benchmark.json", help="where the JSON goes")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (CSVs, outputs, logs)")
     args = p.parse_args(argv)
@@ -415,6 +422,11 @@ def parse_args(argv=None):
     missing = [m for m in ("accelerate", "datasets") if importlib.util.find_spec(m) is None]
     if needs_bench and missing:
         p.error(f"rows c-f and --whole-job need {', '.join(missing)}: pip install -e .[bench]")
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if args.predict and missing:
+        p.error(f"--predict needs {', '.join(missing)}: pip install -e \".[export]\"")
+    if args.predict and not os.path.isfile(os.path.join(args.predict_model, "config.json")):
+        p.error(f"--predict-model {args.predict_model}: not a trained model folder (train the embedded default first)")
     return args
 
 
@@ -464,9 +476,20 @@ def main(argv=None):
             print(e, file=sys.stderr)
             results["whole_job"], failed = [], True
 
+    if args.predict:
+        import serving_bench
+        try:
+            results["predict"] = serving_bench.table(args.predict_model, seed=args.seed,
+                                                     work=os.path.join(work, "serving"))
+        except (RuntimeError, subprocess.CalledProcessError) as e:
+            print(e, file=sys.stderr)
+            failed = True
+
     tables = [(results["rows"], THROUGHPUT_COLUMNS), (results.get("large_vocab"), THROUGHPUT_COLUMNS),
               (results.get("whole_job"), WHOLE_JOB_COLUMNS), (results.get("scale"), SCALE_COLUMNS)]
     print("\n\n".join(markdown(rows, columns) for rows, columns in tables if rows), flush=True)
+    if results.get("predict"):
+        print(("\n" if any(rows for rows, _ in tables) else "") + serving_bench.markdown(results["predict"]), flush=True)
     with open(args.output, "w") as f:
         json.dump(results, f, indent=1)
     if args.keep or failed:
