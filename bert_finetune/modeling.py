@@ -39,10 +39,13 @@ def load_config(model: str, trust_remote_code: bool = False, **overrides):
     return _loading("config", model, lambda: AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, **overrides))
 
 
-def load_classifier(model: str, config, trust_remote_code: bool = False):
+def load_classifier(model: str, config, trust_remote_code: bool = False, new_head: bool = False):
+    """The model with its classification head. new_head (training): a saved head with another number of labels
+    than config's (a fine-tuned model trained on for other labels) is replaced by a new one, as the encoder
+    is kept; transformers' load report names it."""
     from transformers import AutoModelForSequenceClassification
     return _loading("weights", model, lambda: AutoModelForSequenceClassification.from_pretrained(
-        model, config=config, trust_remote_code=trust_remote_code))
+        model, config=config, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=new_head))
 
 
 def max_positions(config) -> int | None:

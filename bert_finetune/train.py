@@ -204,7 +204,8 @@ class Trainer:
             job.model_config.problem_type = data.MULTI_LABEL_PROBLEM
         elif getattr(job.model_config, "problem_type", None) == data.MULTI_LABEL_PROBLEM:
             job.model_config.problem_type = None  # a multi-label model fine-tuned again as single-label
-        self.raw_model = modeling.load_classifier(job.model_name, job.model_config, cfg.trust_remote_code)
+        self.raw_model = modeling.load_classifier(job.model_name, job.model_config, cfg.trust_remote_code,
+                                                  new_head=True)
         self.raw_model.to(self.device)
         if cfg.freeze_embeddings:
             frozen = self.raw_model.get_input_embeddings().weight.requires_grad_(False)

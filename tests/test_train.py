@@ -139,3 +139,18 @@ def test_freeze_embeddings_trains_everything_but_the_word_embeddings(tiny_model,
     assert not torch.equal(before["bert.embeddings.position_embeddings.weight"],
                            after["bert.embeddings.position_embeddings.weight"])
     assert r["config"]["freeze_embeddings"] is True
+
+
+def test_a_fine_tuned_model_trains_on_for_another_number_of_labels(tmp_path):
+    """A folder whose head has 2 labels fine-tunes on 3: the head is new, the encoder is kept."""
+    from safetensors.torch import load_file
+
+    from conftest import build_tiny_model, synthetic_rows, write_csv
+    model = build_tiny_model(str(tmp_path / "two-labels"), num_labels=2)
+    csv = write_csv(tmp_path / "train.csv", synthetic_rows(60, 0, labels=("neg", "neu", "pos")))
+    r = run_train(train_args(model, csv, tmp_path / "out", "--epochs", 1, "--lr", 1e-9))
+    assert r["labels"] == ["neg", "neu", "pos"]
+    before, after = load_file(f"{model}/model.safetensors"), load_file(tmp_path / "out" / "last" / "model.safetensors")
+    assert after["classifier.weight"].shape[0] == 3
+    key = "bert.encoder.layer.0.output.dense.weight"  # a tiny lr: the encoder as loaded, not drawn anew
+    assert torch.allclose(before[key], after[key], atol=1e-6)
