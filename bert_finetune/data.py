@@ -458,35 +458,33 @@ def load_tables(cfg: Config) -> Tables:
     else:
         table, source = embedded_table(), EMBEDDED
         table = table.iloc[:cfg.limit] if cfg.limit else table
-    if multi:
-        return _multi_label_tables(cfg, table, source, label_columns, read)
-    labels = LabelMap.from_values(table["label"])
-    if len(labels) < 2:
-        raise UserError(f"{source}: column '{cfg.label_column}' holds a single class ({labels.names[0]}); "
-                        f"classification needs at least two")
+    labels = _labels(cfg, table, source, label_columns, multi)
     if cfg.eval_file:
         held_out = read(cfg.eval_file)
         labels.encode(held_out, cfg.eval_file)  # fails on labels the training file never had
         return Tables(table, held_out, labels, source, cfg.eval_file)
-    train, held_out = split(table, cfg.eval_split, cfg.seed, source)
+    if multi:  # label sets: an iteratively stratified split
+        train, held_out = multilabel.split(table, labels.encode(table, source), cfg.eval_split, cfg.seed, source,
+                                           labels.names)
+    else:
+        train, held_out = split(table, cfg.eval_split, cfg.seed, source)
     return Tables(train, held_out, labels, source, source)
 
 
-def _multi_label_tables(cfg: Config, table: pd.DataFrame, source: str, label_columns, read) -> Tables:
-    """Label sets: the labels of the training file, the held-out file read with them or an iteratively
-    stratified split."""
+def _labels(cfg: Config, table: pd.DataFrame, source: str, label_columns, multi: bool) -> LabelMap:
+    """The training file's labels (multi-label: --label-columns, or every label of the sets); at least two."""
+    if not multi:
+        labels = LabelMap.from_values(table["label"])
+        if len(labels) < 2:
+            raise UserError(f"{source}: column '{cfg.label_column}' holds a single class ({labels.names[0]}); "
+                            f"classification needs at least two")
+        return labels
     labels = LabelMap(multilabel.label_names(table["label"], label_columns), multi_label=True)
     if len(labels) < 2:
         what = f"column '{cfg.label_column}'" if not label_columns else "--label-columns"
         raise UserError(f"{source}: {what} holds {len(labels)} label(s) ({', '.join(labels.names)}); multi-label "
                         f"classification needs at least two")
-    if cfg.eval_file:
-        held_out = read(cfg.eval_file)
-        labels.encode(held_out, cfg.eval_file)  # fails on labels the training file never had
-        return Tables(table, held_out, labels, source, cfg.eval_file)
-    train, held_out = multilabel.split(table, labels.encode(table, source), cfg.eval_split, cfg.seed, source,
-                                       labels.names)
-    return Tables(train, held_out, labels, source, source)
+    return labels
 
 
 def resolve_head_tokens(cfg: Config, tokenizer) -> int:

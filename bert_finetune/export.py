@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 import time
 import warnings
 
@@ -184,13 +183,7 @@ def main(argv=None):
                        trust_remote_code=args.trust_remote_code)
     texts, pairs, labels = sample(source, args)
     quantized = args.quantize == "int8"
-    parent = os.path.dirname(os.path.abspath(args.output_dir))
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(args.output_dir))}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work, 0o777 & ~umask)  # mkdtemp's folder is private; the export is an ordinary folder
-    try:
+    with checkpoint.atomic_dir(args.output_dir) as work:  # whole or not at all: checked before it is renamed in
         started = time.perf_counter()
         onnx_path = os.path.join(work, runtime.ONNX_FILE)
         if quantized:
@@ -212,12 +205,6 @@ def main(argv=None):
         report = verify(source, work, texts, pairs, labels, quantized, args.batch_size)
         settings["export"]["verified"] = report
         checkpoint.write_json(os.path.join(work, "bert_finetune.json"), settings)
-        if os.path.isdir(args.output_dir):
-            os.rmdir(args.output_dir)  # empty, checked above
-        os.replace(work, args.output_dir)
-    finally:
-        if os.path.isdir(work):
-            shutil.rmtree(work)
     size = sum(os.path.getsize(os.path.join(args.output_dir, f)) for f in os.listdir(args.output_dir)
                if f.startswith(runtime.ONNX_FILE))
     log.info("verified on %d %s: probabilities within %.1e of torch's, %.2f%% of labels equal%s",

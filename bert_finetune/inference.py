@@ -109,8 +109,6 @@ class Predictor:
                                 f"--backend onnx (the default for it)")
             self.model = modeling.load_classifier(path, config, trust_remote_code).eval()
         self.labels = data.LabelMap.from_config(config)
-        # multi-label models score each label on its own (sigmoid); single-label ones share 1 (softmax)
-        self.multi_label = self.labels.multi_label
         self.saved = saved_settings(path)
         # multi-label: a label is predicted where its probability reaches its threshold
         self.thresholds = saved_thresholds(self.saved, self.labels.names) if self.multi_label else None
@@ -123,6 +121,11 @@ class Predictor:
         self.pair_column = self.saved.get("text_pair_column") or None
         self.requested_precision = precision
         self.to(device or torch.device("cuda" if torch.cuda.is_available() and self.model is not None else "cpu"))
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether each label is scored on its own (sigmoid), not all of them together (softmax)."""
+        return self.labels.multi_label
 
     def to(self, device: torch.device) -> "Predictor":
         """Move to `device`, and score there as training's evaluation does: --precision auto (bf16 or fp16

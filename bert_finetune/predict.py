@@ -377,7 +377,7 @@ def main(argv=None):
     reporting.setup_logging()
     log.handlers[0].setStream(sys.stderr)  # standard output carries the predictions only
     if args.output:
-        output_kind(args.output)
+        output_kind(args.output)  # a wrong --output name fails before anything is read
     # the input's first chunk is read before the model loads: a wrong column or file fails at once
     saved = saved_settings(modeling.resolve(args.model))
     text_column = args.text_column or saved.get("text_column") or DEFAULT_TEXT_COLUMN

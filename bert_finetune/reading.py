@@ -286,23 +286,41 @@ def _read_json(path: str, limit: int, encoding: str) -> pd.DataFrame:
     return _records_frame(found)
 
 
-def _read_parquet(path: str, limit: int, columns: list | None = None) -> tuple[pd.DataFrame, list]:
-    """(the table, holding only `columns` if given, and every column name of the file)."""
+def _open_parquet(path: str):
+    """(the open Parquet file, every column name), with one-line errors: pyarrow missing, not Parquet, a
+    column named twice."""
     if importlib.util.find_spec("pyarrow") is None:
         raise UserError(f"{path}: reading Parquet files needs pyarrow: pip install 'bert-finetune[parquet]' "
                         f"(or pip install pyarrow)")
     import pyarrow.parquet as pq
     try:
-        table = pq.read_table(path)
+        file = pq.ParquetFile(path)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise UserError(f"{path}: not a valid Parquet file: {str(e).strip().splitlines()[0]}") from None
-    names = [str(c) for c in table.column_names]
+        raise _not_parquet(path, e) from None
+    names = [str(c) for c in file.schema_arrow.names]
     _refuse_repeated_names(path, names, "the file names")
-    table = table.slice(0, limit) if limit else table
-    kept = [i for i, name in enumerate(names) if not columns or name in columns]
-    # Python values, not pandas': an integer column with a null stays 1, not 1.0
-    return pd.DataFrame({names[i]: [_as_text(v) for v in table.column(i).to_pylist()] for i in kept},
-                        dtype=object), names
+    return file, names
+
+
+def _not_parquet(path: str, error: Exception) -> UserError:
+    return UserError(f"{path}: not a valid Parquet file: {str(error).strip().splitlines()[0]}")
+
+
+def _parquet_frame(records, names: list, columns: list | None) -> pd.DataFrame:
+    """A pyarrow table or record batch as a table of strings, of `columns` only if given. Python values, not
+    pandas': an integer column with a null stays 1, not 1.0."""
+    return pd.DataFrame({name: [_as_text(v) for v in records.column(i).to_pylist()]
+                         for i, name in enumerate(names) if not columns or name in columns}, dtype=object)
+
+
+def _read_parquet(path: str, limit: int, columns: list | None = None) -> tuple[pd.DataFrame, list]:
+    """(the table, holding only `columns` if given, and every column name of the file)."""
+    file, names = _open_parquet(path)
+    try:
+        table = file.read()
+    except (OSError, ValueError) as e:
+        raise _not_parquet(path, e) from None
+    return _parquet_frame(table.slice(0, limit) if limit else table, names, columns), names
 
 
 def load_table(path: str, expected_header: str, limit: int = 0, encoding: str = "",
@@ -361,21 +379,14 @@ def iter_table(path: str, expected_header: str, encoding: str = "", chunk: int =
 
 def _parquet_batches(path: str, chunk: int):
     """(an iterator of tables of `chunk` records, every column name), as _read_parquet() reads them whole."""
-    if importlib.util.find_spec("pyarrow") is None:
-        raise UserError(f"{path}: reading Parquet files needs pyarrow: pip install 'bert-finetune[parquet]' "
-                        f"(or pip install pyarrow)")
-    import pyarrow.parquet as pq
-    try:
-        file = pq.ParquetFile(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a valid Parquet file: {str(e).strip().splitlines()[0]}") from None
-    names = [str(c) for c in file.schema_arrow.names]
-    _refuse_repeated_names(path, names, "the file names")
+    file, names = _open_parquet(path)
 
     def frames():
-        for batch in file.iter_batches(batch_size=chunk):
-            yield pd.DataFrame({name: [_as_text(v) for v in batch.column(i).to_pylist()]
-                                for i, name in enumerate(names)}, dtype=object)
+        try:
+            for batch in file.iter_batches(batch_size=chunk):
+                yield _parquet_frame(batch, names, None)
+        except (OSError, ValueError) as e:
+            raise _not_parquet(path, e) from None
     return frames(), names
 
 

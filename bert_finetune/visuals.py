@@ -304,30 +304,37 @@ def _place(fig, ax, cax, side, matrix: float, titled: bool):
                            else 1.0 - margin / height))
 
 
-def _render(cm, names, title, render):
+def _render(figure, matrix, names, title, render):
+    """render(figure(matrix, names, title)) with fonts that have the glyphs of the names and the title."""
     import matplotlib
     # no warning is silenced: every text is drawn with fonts that have its glyphs, or shown another way
     with matplotlib.rc_context({"font.family": list(label_fonts([str(n) for n in names] + [title]).families)}):
-        return render(confusion_figure(cm, names, title))
+        return render(figure(matrix, names, title))
+
+
+def _rgb(fig) -> np.ndarray:
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _png_writer(path: str):
+    def write(fig):
+        buffer = io.BytesIO()  # written whole, so a failed draw leaves no half file
+        fig.savefig(buffer, format="png")
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue())
+    return write
 
 
 def confusion_image(cm: np.ndarray, names, title: str = "") -> np.ndarray:
     """The confusion matrix drawn as an RGB image, height x width x 3, uint8."""
-    def render(fig):
-        fig.canvas.draw()
-        return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    return _render(cm, names, title, render)
+    return _render(confusion_figure, cm, names, title, _rgb)
 
 
 def save_confusion_png(cm: np.ndarray, names, path: str, title: str = "") -> bool:
     """The confusion matrix as a PNG at path. Returns whether it shows the label names (False: by id, see
     label_legend)."""
-    def render(fig):
-        buffer = io.BytesIO()  # written whole, so a failed draw leaves no half file
-        fig.savefig(buffer, format="png")
-        with open(path, "wb") as f:
-            f.write(buffer.getvalue())
-    _render(cm, names, title, render)
+    _render(confusion_figure, cm, names, title, _png_writer(path))
     return names_drawable(names)
 
 
@@ -410,27 +417,14 @@ def multi_label_confusion_figure(mcm: np.ndarray, names, title: str = ""):
     return fig
 
 
-def _render_multi_label(mcm, names, title, render):
-    import matplotlib
-    with matplotlib.rc_context({"font.family": list(label_fonts([str(n) for n in names] + [title]).families)}):
-        return render(multi_label_confusion_figure(mcm, names, title))
-
-
 def multi_label_confusion_image(mcm: np.ndarray, names, title: str = "") -> np.ndarray:
-    def render(fig):
-        fig.canvas.draw()
-        return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    return _render_multi_label(mcm, names, title, render)
+    """The per-label matrices drawn as an RGB image, height x width x 3, uint8."""
+    return _render(multi_label_confusion_figure, mcm, names, title, _rgb)
 
 
 def save_multi_label_confusion_png(mcm: np.ndarray, names, path: str, title: str = "") -> bool:
     """The per-label matrices as a PNG at path; returns whether the names are shown (False: by id)."""
-    def render(fig):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        with open(path, "wb") as f:
-            f.write(buffer.getvalue())
-    _render_multi_label(mcm, names, title, render)
+    _render(multi_label_confusion_figure, mcm, names, title, _png_writer(path))
     return names_drawable(names)
 
 
